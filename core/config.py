@@ -1,0 +1,322 @@
+"""Typed, validated configs: one dataclass per method, plus training, data and the whole run.
+
+Every field has a type, a default and a one-line help text (``metadata["help"]``) that the CLI and the
+studio show next to the knob. A bad value raises ``ValueError`` naming the field and what is allowed.
+Configs round-trip through plain dicts, so through YAML and JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args, get_type_hints
+
+import yaml
+
+DEFAULT_MODEL = "default"  # the packaged SmolLM2-135M-Instruct
+
+
+def knob(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text. Lists get a default_factory."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _fail(cls_name: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{cls_name}.{name} = {value!r} is invalid: {allowed}")
+
+
+class Validated:
+    """Checks Literal fields and numeric ranges declared in field metadata (``min``, ``max``, ``gt``)."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            hint = hints[f.name]
+            choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else ()
+            if choices and value not in choices:
+                _fail(type(self).__name__, f.name, value, f"choose one of {', '.join(map(repr, choices))}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(type(self).__name__, f.name, value, "must be a finite number")
+            lo, hi, gt = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("gt")
+            if lo is not None and value < lo:
+                _fail(type(self).__name__, f.name, value, f"must be >= {lo}")
+            if gt is not None and value <= gt:
+                _fail(type(self).__name__, f.name, value, f"must be > {gt}")
+            if hi is not None and value > hi:
+                _fail(type(self).__name__, f.name, value, f"must be <= {hi}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses override."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None):
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        hints = get_type_hints(cls)
+        for name, value in list(data.items()):
+            data[name] = _coerce(cls.__name__, name, hints[name], value)
+        return cls(**data)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}  # type: ignore[arg-type]
+
+
+def _coerce(cls_name: str, name: str, hint: Any, value: Any) -> Any:
+    """Turn YAML/CLI values into the declared type, or fail naming the field."""
+    if value is None:
+        return value
+    base = hint if isinstance(hint, type) else None
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        _fail(cls_name, name, value, f"expected {base.__name__}")
+    if getattr(hint, "__origin__", None) is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Method configs. ``method`` is the registry key in core.methods.METHODS.
+
+
+@dataclass
+class MethodConfig(Validated):
+    method: ClassVar[str] = ""
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    """Full fine-tuning. LLRD lives in TrainConfig.llrd_decay and applies here too."""
+
+    method: ClassVar[str] = "full"
+    freeze_embeddings: bool = knob(False, "Keep the token (and position) embeddings frozen.")
+    freeze_bottom: int = knob(0, "Freeze the bottom K transformer blocks.", min=0)
+    freeze_modules: list[str] = knob([], "Also freeze modules whose name contains one of these (e.g. 'norm').")
+    unfreeze_every: int = knob(
+        0, "Gradual unfreezing: start with top block + head, unfreeze one more block every k units (0 = off).", min=0
+    )
+    unfreeze_unit: Literal["steps", "epochs"] = knob("steps", "Unit of unfreeze_every.")
+
+
+@dataclass
+class FreezeConfig(MethodConfig):
+    method: ClassVar[str] = "freeze"
+    top_n: int = knob(2, "Train only the top N transformer blocks.", min=1)
+    extra_modules: list[str] = knob(["norm"], "Also train these top-level modules, e.g. 'norm', 'lm_head'.")
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    method: ClassVar[str] = "bitfit"
+    targets: list[str] = knob(
+        ["all-linear"],
+        "Linears whose bias is trained ('all-linear' or names like q_proj). Missing biases are added at zero.",
+    )
+    train_norm_bias: bool = knob(True, "Also train existing LayerNorm biases (GPT-2 style models).")
+
+
+@dataclass
+class FishMaskConfig(MethodConfig):
+    method: ClassVar[str] = "fishmask"
+    keep_ratio: float = knob(0.005, "Fraction of all parameters trained: the top-k by Fisher information.", gt=0.0, max=1.0)
+    fisher_batches: int = knob(8, "Batches used to estimate the Fisher information (squared gradients).", min=1)
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    method: ClassVar[str] = "lora"
+    r: int = knob(8, "Rank of the update B·A.", min=1)
+    alpha: float = knob(16.0, "Scale: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).", gt=0.0)
+    dropout: float = knob(0.0, "Dropout on the LoRA input.", min=0.0, max=0.9)
+    targets: list[str] = knob(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.")
+    rslora: bool = knob(False, "Rank-stabilised scaling alpha/sqrt(r).")
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    method: ClassVar[str] = "adapter"
+    bottleneck: int = knob(16, "Bottleneck width r of x + W_up·act(W_down·x).", min=1)
+    placement: Literal["houlsby", "pfeiffer", "attn"] = knob(
+        "houlsby", "houlsby: after attention and FFN; pfeiffer: after FFN only; attn: after attention only."
+    )
+    activation: Literal["relu", "gelu", "silu", "tanh"] = knob("relu", "Non-linearity inside the bottleneck.")
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    method: ClassVar[str] = "prompt_tuning"
+    num_virtual_tokens: int = knob(20, "Number m of soft tokens prepended to the input.", min=1)
+    init: Literal["random", "vocab", "text"] = knob("vocab", "Initialise from random noise, sampled vocabulary, or a text.")
+    init_text: str = knob("", "Text whose token embeddings initialise the prompt (init='text').")
+
+    def validate(self) -> None:
+        if self.init == "text" and not self.init_text.strip():
+            _fail(type(self).__name__, "init_text", self.init_text, "must be non-empty when init='text'")
+
+
+@dataclass
+class PrefixTuningConfig(MethodConfig):
+    method: ClassVar[str] = "prefix_tuning"
+    num_virtual_tokens: int = knob(20, "Prefix length: key/value slots added in every layer.", min=1)
+    encoder_hidden: int = knob(512, "Hidden size of the reparameterising MLP.", min=1)
+
+
+@dataclass
+class PTuningConfig(MethodConfig):
+    method: ClassVar[str] = "p_tuning"
+    num_virtual_tokens: int = knob(20, "Number m of virtual tokens produced by the prompt encoder.", min=1)
+    encoder_type: Literal["lstm", "mlp"] = knob("mlp", "Prompt encoder: BiLSTM followed by an MLP, or an MLP alone.")
+    encoder_hidden: int = knob(128, "Hidden size of the prompt encoder.", min=1)
+
+
+@dataclass
+class PTuningV2Config(MethodConfig):
+    method: ClassVar[str] = "p_tuning_v2"
+    num_virtual_tokens: int = knob(20, "Deep prompt length in every layer.", min=1)
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
+    c.method: c
+    for c in (
+        FullConfig,
+        FreezeConfig,
+        BitFitConfig,
+        FishMaskConfig,
+        LoraConfig,
+        AdapterConfig,
+        PromptTuningConfig,
+        PrefixTuningConfig,
+        PTuningConfig,
+        PTuningV2Config,
+    )
+}
+
+
+def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
+    if name not in METHOD_CONFIGS:
+        _fail("RunConfig", "method", name, f"choose one of {', '.join(METHOD_CONFIGS)}")
+    return METHOD_CONFIGS[name].from_dict(values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig(Validated):
+    lr: float = knob(2e-4, "Peak learning rate (of the top block when LLRD is on).", gt=0.0, max=1.0)
+    scheduler: Literal["constant", "linear", "cosine"] = knob("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int = knob(0, "Linear warmup steps.", min=0)
+    epochs: float = knob(1.0, "Passes over the training set (ignored when max_steps > 0).", gt=0.0, max=1000)
+    max_steps: int = knob(0, "Stop after this many optimiser steps (0 = use epochs).", min=0)
+    batch_size: int = knob(8, "Examples per micro-batch.", min=1, max=4096)
+    grad_accum: int = knob(1, "Micro-batches per optimiser step.", min=1, max=1024)
+    max_len: int = knob(512, "Maximum tokens per example; longer ones are truncated.", min=8, max=131072)
+    weight_decay: float = knob(0.0, "AdamW weight decay.", min=0.0, max=1.0)
+    max_grad_norm: float = knob(1.0, "Clip the gradient norm to this (0 = off).", min=0.0)
+    llrd_decay: float = knob(1.0, "Layer-wise LR decay: lr_l = lr·decay^(L−l−1). 1 = off.", gt=0.0, max=1.0)
+    seed: int = knob(42, "Random seed for init, shuffling and dropout.", min=0)
+    eval_every: int = knob(0, "Evaluate every N steps (0 = only at the end).", min=0)
+    save_every: int = knob(0, "Checkpoint every N steps (0 = only at the end).", min=0)
+    log_every: int = knob(1, "Write a metrics event every N steps.", min=1)
+    grad_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = knob("auto", "Where to train.")
+    compile: bool = knob(False, "torch.compile the model (GPU only).")
+
+
+@dataclass
+class DataConfig(Validated):
+    path: str = knob("", "A .json (array) or .jsonl file.")
+    format: Literal["auto", "instruction", "conversation", "qa", "classification", "text"] = knob(
+        "auto", "Dataset format; auto-detected from the fields."
+    )
+    fields: dict[str, str] = knob({}, "Rename fields, e.g. {'instruction': 'prompt', 'output': 'completion'}.")
+    val_fraction: float = knob(0.1, "Fraction of examples held out for evaluation.", min=0.0, max=0.5)
+    val_count: int = knob(0, "Hold out exactly this many examples instead (0 = use val_fraction).", min=0)
+    system_prompt: str = knob("", "System prompt rendered before every example (empty = template default).")
+    max_bytes: int = knob(200 * 1024 * 1024, "Refuse files larger than this.", min=1)
+
+
+@dataclass
+class RunConfig:
+    """Everything a worker needs to train one run. Written to <run>/config.yaml."""
+
+    model: str = DEFAULT_MODEL
+    method: MethodConfig = field(default_factory=lambda: LoraConfig())
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    name: str = ""
+
+    @property
+    def method_name(self) -> str:
+        return self.method.method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "method": self.method_name,
+            "method_config": self.method.to_dict(),
+            "train": self.train.to_dict(),
+            "data": self.data.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d or {})
+        unknown = sorted(set(d) - {"name", "model", "method", "method_config", "train", "data"})
+        if unknown:
+            raise ValueError(f"RunConfig: unknown field(s) {', '.join(unknown)}")
+        return cls(
+            name=str(d.get("name") or ""),
+            model=str(d.get("model") or DEFAULT_MODEL),
+            method=method_config(d.get("method", "lora"), d.get("method_config")),
+            train=TrainConfig.from_dict(d.get("train")),
+            data=DataConfig.from_dict(d.get("data")),
+        )
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(self.to_dict(), sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text)  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML/JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data)

