@@ -81,8 +81,22 @@ class Method:
     def unmerge(self, model: nn.Module) -> None:
         raise NotImplementedError(f"{self.name} cannot be unmerged")
 
+    def bake(self, model: nn.Module) -> None:
+        """Fold the result into the weights for good and drop every trace of the method, so that
+        ``model.save_pretrained`` writes a plain HF model folder that ``AutoModelForCausalLM`` loads.
+        Only for ``can_merge`` methods."""
+        raise NotImplementedError(f"{self.name} cannot be merged into the base model")
+
     def prepare(self, model: nn.Module, batches, loss_fn) -> None:
-        """Called once before training with an iterator of batches and ``loss_fn(batch) -> loss`` (FishMask)."""
+        """Called once before training with an iterable of batches and ``loss_fn(batch) -> loss`` (FishMask)."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step (FishMask re-imposes its mask here)."""
+
+    def frozen_below(self, step: int, epoch: int, num_layers: int) -> int | None:
+        """Gradual unfreezing: parameters of depth < the returned value do not train at this point.
+        None means everything trainable trains. Depths as in core.blocks (-1 embeddings, L head)."""
+        return None
 
     @property
     def num_virtual_tokens(self) -> int:
