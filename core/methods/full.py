@@ -1,0 +1,189 @@
+"""Full fine-tuning (vanilla), with partial freezing and gradual (layer-wise) unfreezing.
+
+Every parameter of the model trains in place, W ← W − η·update, except what the config freezes:
+
+    freeze_embeddings   depth -1 (token and position embeddings)
+    freeze_bottom = K   blocks 0 .. K−1
+    freeze_modules      every tensor one of whose names contains one of these substrings ('norm', 'mlp', ...)
+
+The options combine. LLRD (lr_l = base_lr·decay^(L−l−1)) is TrainConfig.llrd_decay, applied by
+core.schedules.param_groups to any method. Gradual unfreezing (``unfreeze_every = k``, Howard & Ruder 2018,
+ULMFiT) is reported through ``frozen_below``: at first only the top block and the head train, then one more
+block downward every k steps (or epochs), and the embeddings last; the loop applies it with
+core.schedules.apply_unfreezing. ``apply`` marks everything that will *ever* train, so the optimiser owns it
+from the start.
+
+Tied embeddings (SmolLM2, GPT-2): the LM head *is* the embedding matrix. It is one tensor, named (and given
+depth -1) as the embedding, so freeze_embeddings also freezes the head, 'lm_head' in freeze_modules matches it,
+and gradual unfreezing releases it last, together with the embeddings.
+
+The method keeps a CPU copy of every trainable tensor as it was at ``apply``, so ``set_enabled(False)`` and
+``remove`` give back the base model bit for bit. Saved (our own format, no PEFT equivalent) as the trainable
+tensors under their Hugging Face parameter names in adapter_model.safetensors; ``bake`` just drops the copies,
+since the weights already are the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..blocks import depth_map, find_blocks
+from ..config import FullConfig
+from ..schedules import unfrozen_from
+from .base import Method, check_tensors, copy_into
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """{name as in model.named_parameters(): every name of that tensor}. Tied weights have several names."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    aliases: dict[str, list[str]] = {n: [] for n in canonical.values()}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases[canonical[id(p)]].append(n)
+    return aliases
+
+
+class InPlaceMethod(Method):
+    """A method that trains a subset of the model's own tensors in place (full, freeze).
+
+    Subclasses implement ``select(model) -> [parameter names]`` (validating their config against the model);
+    this class keeps the CPU originals and does enable/disable, remove, save/load and bake.
+    """
+
+    can_merge = True
+    format_note = "trainable tensors under their Hugging Face parameter names"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._originals: dict[str, Tensor] | None = None  # name -> CPU copy of the base tensor
+        self._stash: dict[str, Tensor] | None = None  # name -> CPU copy of the trained tensor while disabled
+
+    def select(self, model: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    # ---- apply / remove ------------------------------------------------------------------------------------
+
+    def apply(self, model: nn.Module) -> None:
+        names = self.select(model)
+        if not names:
+            raise ValueError(f"{type(self.config).__name__}: this configuration trains no parameter of the model")
+        params = dict(model.named_parameters())
+        model.requires_grad_(False)
+        self._originals = {n: params[n].detach().to("cpu", copy=True) for n in names}
+        self._stash = None
+        self.enabled = True
+        for n in names:
+            params[n].requires_grad_(True)
+
+    def _require_applied(self) -> dict[str, Tensor]:
+        if self._originals is None:
+            raise RuntimeError(f"{self.name}: apply(model) has not been called (or the method was removed/baked)")
+        return self._originals
+
+    def remove(self, model: nn.Module) -> None:
+        originals = self._require_applied()
+        params = dict(model.named_parameters())
+        for n, t in originals.items():
+            copy_into(params[n], t)
+        model.requires_grad_(False)
+        self._originals, self._stash, self.enabled = None, None, True
+
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        originals = self._require_applied()
+        if enabled == self.enabled:
+            return
+        params = dict(model.named_parameters())
+        if not enabled:  # keep the trained weights aside, put the base back
+            self._stash = {n: params[n].detach().to("cpu", copy=True) for n in originals}
+            for n, t in originals.items():
+                copy_into(params[n], t)
+        else:
+            for n, t in (self._stash or {}).items():
+                copy_into(params[n], t)
+            self._stash = None
+        self.enabled = enabled
+
+    # ---- save / load ---------------------------------------------------------------------------------------
+
+    def adapter_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        originals = self._require_applied()
+        if not self.enabled and self._stash is not None:
+            return dict(self._stash)
+        params = dict(model.named_parameters())
+        return {n: params[n].detach() for n in originals}
+
+    def load_adapter_tensors(self, model: nn.Module, tensors: dict[str, Tensor]) -> None:
+        originals = self._require_applied()
+        check_tensors({n: tuple(t.shape) for n, t in originals.items()}, tensors, f"{self.name} weights")
+        params = dict(model.named_parameters())
+        for n in originals:
+            copy_into(params[n], tensors[n])
+
+    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
+        originals = self._require_applied()
+        return {
+            "method": self.name,
+            "format": self.format_note,
+            "num_tensors": len(originals),
+            "num_parameters": sum(t.numel() for t in originals.values()),
+            **self.config.to_dict(),
+        }
+
+    # ---- merge ---------------------------------------------------------------------------------------------
+
+    def merge(self, model: nn.Module) -> None:
+        """Nothing to do: the trained tensors are the model's own weights."""
+        self._require_applied()
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Nothing to do (see merge); use set_enabled(False) for the base output."""
+        self._require_applied()
+
+    def bake(self, model: nn.Module) -> None:
+        self._require_applied()
+        self.set_enabled(model, True)
+        model.requires_grad_(False)
+        self._originals, self._stash = None, None
+
+
+class FullMethod(InPlaceMethod):
+    config_cls = FullConfig
+
+    def select(self, model: nn.Module) -> list[str]:
+        cfg: FullConfig = self.config  # type: ignore[assignment]
+        num_layers = len(find_blocks(model)[1])
+        if cfg.freeze_bottom > num_layers:
+            raise ValueError(
+                f"FullConfig.freeze_bottom = {cfg.freeze_bottom} is invalid: the model has only {num_layers} blocks"
+            )
+        aliases = parameter_aliases(model)
+        if any(not s.strip() for s in cfg.freeze_modules):
+            raise ValueError(f"FullConfig.freeze_modules = {cfg.freeze_modules!r} is invalid: empty name")
+        unused = [s for s in cfg.freeze_modules if not any(s in a for names in aliases.values() for a in names)]
+        if unused:
+            examples = sorted({a.rsplit(".", 1)[0].split(".")[-1] for names in aliases.values() for a in names})
+            raise ValueError(
+                f"FullConfig.freeze_modules: {unused} match no parameter of this model; module names include "
+                f"{', '.join(examples)}"
+            )
+        names = []
+        for name, depth in depth_map(model).items():
+            if cfg.freeze_embeddings and depth == -1:
+                continue
+            if depth is not None and 0 <= depth < cfg.freeze_bottom:
+                continue
+            if any(s in a for s in cfg.freeze_modules for a in aliases[name]):
+                continue
+            names.append(name)
+        return names
+
+    def frozen_below(self, step: int, epoch: int, num_layers: int) -> int | None:
+        cfg: FullConfig = self.config  # type: ignore[assignment]
+        if cfg.unfreeze_every == 0:
+            return None
+        progress = step if cfg.unfreeze_unit == "steps" else epoch
+        return unfrozen_from(progress, cfg.unfreeze_every, num_layers)
+
+
+__all__ = ["FullMethod", "InPlaceMethod", "parameter_aliases"]
