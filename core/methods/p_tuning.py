@@ -1,0 +1,70 @@
+"""P-Tuning v1 (Liu et al. 2021, "GPT Understands, Too").
+
+The m input-layer prompt vectors come from a small prompt encoder, trained with the model frozen:
+
+    e = embedding rows (m, d)
+    lstm:  P = W₂·ReLU(W₁·BiLSTM(e) + b₁) + b₂     BiLSTM: 2 layers, hidden h per direction -> (m, 2h);
+                                                    W₁ (2h, 2h), W₂ (2h -> d)
+    mlp:   P = MLP(e), d -> h -> h -> d with ReLU between the three linears
+    h_out = Model([P ; E(x)]),  mask = [1_m ; mask]
+
+The architecture is PEFT's ``PromptEncoder`` (so trainable counts agree with peft); h = ``encoder_hidden``.
+Trainable parameters:
+    mlp   m·d + (d·h + h) + (h·h + h) + (h·d + d)
+    lstm  m·d + 2·[4h(d+h) + 8h] + 2·[4h(2h+h) + 8h] + (2h·2h + 2h) + (2h·d + d)
+Saved as PEFT ``P_TUNING``: ``prompt_embeddings`` (m, d) = the encoder output P. A loaded adapter holds P itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..blocks import ModelShape
+from ..config import PTuningConfig
+from .virtual_tokens import PromptMethod, adapter_placement
+
+LSTM_LAYERS = 2  # PEFT's encoder_num_layers default; fixed here
+
+
+class PromptEncoder(nn.Module):
+    """P = encoder(e), e (m, d) a trainable embedding table. Returns (m, d)."""
+
+    def __init__(self, m: int, d: int, hidden: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.embedding = nn.Parameter(torch.randn(m, d))  # like nn.Embedding: N(0, 1)
+        if kind == "lstm":
+            self.lstm = nn.LSTM(d, hidden, num_layers=LSTM_LAYERS, bidirectional=True, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
+        else:
+            self.mlp = nn.Sequential(
+                nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d)
+            )
+
+    def forward(self) -> Tensor:
+        e = self.embedding
+        if self.kind == "lstm":
+            e = self.lstm(e.unsqueeze(0))[0][0]  # (m, 2h)
+        return self.mlp(e)  # (m, d)
+
+
+class PTuningMethod(PromptMethod):
+    config_cls = PTuningConfig
+    peft_type = "P_TUNING"
+
+    def build_module(self, model: nn.Module, shape: ModelShape) -> nn.Module:
+        device, dtype = adapter_placement(model)
+        c = self.config
+        encoder = PromptEncoder(c.num_virtual_tokens, shape.hidden_size, c.encoder_hidden, c.encoder_type)
+        return encoder.to(device, dtype)
+
+    def extra_peft_config(self, shape: ModelShape) -> dict[str, Any]:
+        return {
+            "encoder_reparameterization_type": self.config.encoder_type.upper(),
+            "encoder_hidden_size": self.config.encoder_hidden,
+            "encoder_num_layers": LSTM_LAYERS,
+            "encoder_dropout": 0.0,
+        }

@@ -1,0 +1,81 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
+
+m trainable soft-token embeddings P (m, d) are put before the input embeddings; the model is frozen:
+
+    h = Model([P ; E(x)]),   mask = [1_m ; mask]          (B, m+T, d)
+
+Trainable parameters: m·d. Saved as PEFT ``PROMPT_TUNING``: ``prompt_embeddings`` (m, d).
+
+Initialisation (``PromptTuningConfig.init``):
+    random   N(0, σ²) with σ the standard deviation of the model's embedding matrix (PEFT uses σ = 1)
+    vocab    the embeddings of m token ids sampled uniformly from the vocabulary
+    text     the embeddings of ``init_text``'s token ids, cut or repeated cyclically to m (as PEFT does).
+             Needs a tokenizer: set ``method.tokenizer = tokenizer`` before ``apply``. Without one (for example
+             when ``load_adapter`` rebuilds the method, which then loads the trained rows anyway) the prompt
+             starts from sampled vocabulary and a warning says so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..blocks import ModelShape
+from ..config import PromptTuningConfig
+from .virtual_tokens import PromptMethod, VirtualTable, adapter_placement
+
+
+class PromptTuningMethod(PromptMethod):
+    config_cls = PromptTuningConfig
+    peft_type = "PROMPT_TUNING"
+
+    def __init__(self, config: PromptTuningConfig):
+        super().__init__(config)
+        #: optional tokenizer for init='text': called as tokenizer(text)["input_ids"], like PEFT
+        self.tokenizer = None
+
+    def build_module(self, model: nn.Module, shape: ModelShape) -> nn.Module:
+        return VirtualTable(self.initial_prompt(model))
+
+    @torch.no_grad()
+    def initial_prompt(self, model: nn.Module) -> torch.Tensor:
+        """The (m, d) starting rows, fp32, on the embedding's device."""
+        embed = model.get_input_embeddings()
+        device, dtype = adapter_placement(model)
+        m, vocab = self.config.num_virtual_tokens, embed.weight.shape[0]
+        init = self.config.init
+        if init == "text" and self.tokenizer is None:
+            warnings.warn("prompt_tuning: init='text' without a tokenizer (set method.tokenizer); using init='vocab'")
+            init = "vocab"
+        if init == "random":
+            std = embed.weight.float().std().item()
+            return torch.randn(m, embed.weight.shape[1], device=device, dtype=dtype) * std
+        if init == "vocab":
+            ids = torch.randint(0, vocab, (m,), device=device)
+        else:
+            ids = torch.tensor(text_token_ids(self.tokenizer, self.config.init_text, m), device=device)
+            if int(ids.max()) >= vocab:
+                raise ValueError(f"PromptTuningConfig.init_text: token id {int(ids.max())} is outside the vocabulary")
+        return embed(ids).to(dtype)
+
+    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
+        # The trained rows are in the file, so PEFT needs no init: RANDOM (TEXT would make it load a tokenizer).
+        return {
+            **super().adapter_config(model),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+        }
+
+
+def text_token_ids(tokenizer, text: str, m: int) -> list[int]:
+    """tokenizer(text)["input_ids"], cut to m or repeated cyclically up to m (PEFT's TEXT init)."""
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids:
+        raise ValueError(f"PromptTuningConfig.init_text = {text!r} is invalid: it tokenizes to nothing")
+    return (ids * math.ceil(m / len(ids)))[:m]
