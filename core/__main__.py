@@ -1,9 +1,298 @@
-"""CLI: python -m core <command>. Every error is one line on stderr and a non-zero exit code."""
+"""CLI: python -m core <command>. Every error is one line ``error: ...`` on stderr and a non-zero exit code.
+
+    python -m core train --config run.yaml                       # settings from a file (the studio's worker)
+    python -m core train --method lora --data assets/identity_sample.json --max-steps 50 --out runs/demo
+    python -m core train --config runs/demo/config.yaml --resume # continue from the last checkpoint
+    torchrun --nproc_per_node 2 -m core train --config run.yaml  # data parallel (see core/dist.py)
+    python -m core generate --run runs/demo --prompt "Who are you?" [--temperature 0] [--system "..."] [--base]
+    python -m core export --run runs/demo --out exported/ [--merge]
+    python -m core inspect --data assets/identity_sample.json
+    python -m core fetch-default
+
+``train`` takes every field of TrainConfig, DataConfig and the method configs as a flag (``--max-steps``,
+``--val-fraction``, ``--r``, ``--num-virtual-tokens``, ...): they are generated from the dataclasses, with their
+help texts. Flags override the config file. The resolved config is written to ``<run>/config.yaml``.
+
+Exit codes: 0 done (also after a requested stop), 1 the run failed (NaN loss, out of memory, ...),
+2 bad input (a config value, a flag, a dataset, a missing folder), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any, NoReturn, get_type_hints
+
+from .config import METHOD_CONFIGS, DataConfig, RunConfig, TrainConfig
+
+RUN_CONFIG = "config.yaml"
+DATA_FLAG_NAMES = {"path": "data"}  # DataConfig.path is --data
+SKIPPED_FIELDS = {"fields"}  # dict-valued: config file only
+
+
+class CliError(Exception):
+    """A usage problem; printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flags generated from the config dataclasses
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(group, cls, rename: dict[str, str] | None = None, extra_help: dict[str, str] | None = None) -> None:
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in SKIPPED_FIELDS:
+            continue
+        name = (rename or {}).get(f.name, f.name)
+        help_text = f.metadata.get("help", "") + (extra_help or {}).get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, list):
+            help_text += f" Comma-separated. Default: {','.join(map(str, default)) or 'none'}."
+        else:
+            help_text += f" Default: {default!r}."
+        kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+        if hints[f.name] is bool:
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        else:
+            kw.update(metavar=f.name.upper())
+        group.add_argument(_flag(name), **kw)
+
+
+def method_knobs() -> dict[str, list[str]]:
+    """{knob name: [methods that have it]} over every method config."""
+    knobs: dict[str, list[str]] = {}
+    for name, cls in METHOD_CONFIGS.items():
+        for f in dataclasses.fields(cls):
+            knobs.setdefault(f.name, []).append(name)
+    return knobs
+
+
+def _add_method_knobs(group) -> None:
+    seen: set[str] = set()
+    knobs = method_knobs()
+    for name, cls in METHOD_CONFIGS.items():
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            where = ", ".join(knobs[f.name])
+            help_text = f"{f.metadata.get('help', '')} [{where}; default {default!r}]"
+            kw: dict[str, Any] = {"dest": f"method.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+            if hints[f.name] is bool:
+                kw.update(nargs="?", const="true", metavar="BOOL")
+            else:
+                kw.update(metavar=f.name.upper())
+            group.add_argument(_flag(f.name), **kw)
+
+
+def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The config file (if any) with the flags on top, validated, and the run folder."""
+    config_path = getattr(args, "config", None)
+    if config_path:
+        if not Path(config_path).is_file():
+            raise CliError(f"--config {config_path}: no such file")
+        d = RunConfig.load(config_path).to_dict()
+    else:
+        d = RunConfig().to_dict()
+    flags = {k: v for k, v in vars(args).items() if "." in k}
+    if getattr(args, "model", None):
+        d["model"] = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    if getattr(args, "name", None):
+        d["name"] = args.name
+    if getattr(args, "method", None) and args.method != d["method"]:
+        if args.method not in METHOD_CONFIGS:
+            choices = ", ".join(METHOD_CONFIGS)
+            raise ValueError(f"RunConfig.method = {args.method!r} is invalid: choose one of {choices}")
+        d["method"], d["method_config"] = args.method, {}
+    knobs = method_knobs()
+    for key, value in flags.items():
+        section, name = key.split(".", 1)
+        if section == "method":
+            if d["method"] not in knobs[name]:
+                owners = ", ".join(knobs[name])
+                raise CliError(f"{_flag(name)} does not apply to method {d['method']!r} (it is a knob of {owners})")
+            d["method_config"][name] = value
+        elif section == TrainConfig.__name__:
+            d["train"][name] = value
+        elif section == DataConfig.__name__:
+            d["data"][name] = str(Path(value).resolve()) if name == "path" and value else value
+    cfg = RunConfig.from_dict(d)
+    if not cfg.data.path:
+        raise CliError("no dataset: pass --data FILE (.json or .jsonl) or set data.path in the config file")
+    if getattr(args, "out", None):
+        run_dir = Path(args.out)
+    elif config_path:
+        run_dir = Path(config_path).resolve().parent
+    else:
+        raise CliError("no run folder: pass --out RUN_DIR (or --config RUN_DIR/config.yaml)")
+    return cfg, run_dir
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, run_dir = resolve_train_config(args)
+    _quiet_transformers()
+    from . import dist
+    from .train import _describe, train
+
+    main_rank = dist.from_env().is_main
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".{RUN_CONFIG}.tmp-{os.getpid()}"
+        cfg.save(tmp)
+        os.replace(tmp, run_dir / RUN_CONFIG)
+    bar = None
+    if main_rank and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="step", dynamic_ncols=True)
+    status, reason = "failed", "no end event"
+    try:
+        for e in train(cfg, run_dir, resume=args.resume):
+            if e["type"] == "end":
+                status, reason = e["status"], e["reason"]
+            if not main_rank:
+                continue
+            if bar is not None:
+                if e["type"] == "start":
+                    bar.reset(total=e["total_steps"])
+                    bar.update(e["step"])
+                elif e["type"] == "step":
+                    bar.update(e["step"] - bar.n)
+                    bar.set_postfix(loss=f"{e['loss']:.4f}")
+                elif e["type"] == "eval":
+                    bar.write(_describe(e))
+            else:
+                print(_describe(e), flush=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    if status == "failed":
+        raise RunFailed(reason)
+    if main_rank:
+        where = run_dir / "adapter"
+        print(f"{status}: {reason}; adapter in {where}", file=sys.stderr)
+    return 0
+
+
+class RunFailed(Exception):
+    """The run ended with status failed (exit 1)."""
+
+
+def _run_model_name(run: Path, folder: Path, override: str | None) -> str:
+    if override:
+        return override
+    if (run / RUN_CONFIG).is_file():
+        return RunConfig.load(run / RUN_CONFIG).model
+    from .checkpoint import read_sidecar
+
+    return read_sidecar(folder).get("base_model") or "default"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.exists():
+        raise CliError(f"--run {run}: no such folder")
+    _quiet_transformers()
+    from .checkpoint import load_adapter, read_sidecar
+    from .generate import GenerationSettings, adapter_folder, stream
+    from .models import load_model
+
+    folder = adapter_folder(run)
+    if not args.base:
+        read_sidecar(folder)  # a clear error before the model loads
+    settings = GenerationSettings.from_dict(
+        {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                           "system": args.system, "seed": args.seed}.items() if v is not None}
+    )
+    model, tokenizer = load_model(_run_model_name(run, folder, args.model), device=args.device)
+    method = None if args.base else load_adapter(model, folder)
+    out = stream(model, tokenizer, method, [{"role": "user", "content": args.prompt}], settings)
+    if out.notice:
+        print(f"note: {out.notice}", file=sys.stderr)
+    for delta in out:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.exists():
+        raise CliError(f"--run {run}: no such folder")
+    _quiet_transformers()
+    import torch
+
+    from .checkpoint import export_adapter, export_merged, load_adapter, read_sidecar
+    from .generate import adapter_folder
+    from .methods import method_class
+    from .models import load_model
+
+    folder = adapter_folder(run)
+    sidecar = read_sidecar(folder)
+    out = Path(args.out)
+    if out.resolve() in (run.resolve(), folder.resolve()):
+        raise CliError("--out must be a new folder, not the run or its adapter")
+    if args.merge and not method_class(sidecar["method"]).can_merge:
+        raise CliError(
+            f"method {sidecar['method']} cannot be merged into the base model (it adds virtual tokens, not weight "
+            f"changes); export without --merge to get the adapter folder"
+        )
+    if not args.merge:
+        export_adapter(folder, out)
+        print(f"adapter copied to {out}", file=sys.stderr)
+        return 0
+    model, tokenizer = load_model(_run_model_name(run, folder, args.model), device="cpu", dtype=torch.float32)
+    method = load_adapter(model, folder)
+    export_merged(model, method, tokenizer, out)
+    print(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if not Path(args.data).exists():
+        raise CliError(f"--data {args.data}: no such file")
+    _quiet_transformers()
+    from .data import length_stats, load_examples
+    from .models import load_tokenizer
+
+    cfg = DataConfig.from_dict({"path": args.data, "format": args.format, "system_prompt": args.system_prompt or ""})
+    tokenizer = load_tokenizer(args.model)
+    examples, report = load_examples(cfg, tokenizer, args.max_len)
+    stats = length_stats(examples)
+    if args.json:
+        print(json.dumps({"format": report.format, "total_rows": report.total_rows, "valid_rows": report.valid_rows,
+                          "issues": [dataclasses.asdict(i) for i in report.issues],
+                          "truncated_rows": report.truncated_rows, "lengths": stats}, indent=2))
+        return 0
+    print(f"format: {report.format}")
+    print(report.summary(max_issues=20))
+    print(
+        f"tokens per example (max_len {args.max_len}): min {stats['min']}, mean {stats['mean']:.1f}, "
+        f"p50 {stats['p50']}, p90 {stats['p90']}, max {stats['max']}"
+    )
+    print(f"total tokens {stats['total_tokens']:,}, supervised {stats['supervised_tokens']:,}")
+    return 0
 
 
 def cmd_fetch_default(args: argparse.Namespace) -> int:
@@ -14,20 +303,97 @@ def cmd_fetch_default(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core", description="PEFT Studio engine")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="python -m core", description="PEFT Studio engine")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser(
+        "train",
+        help="train a run (flags override --config)",
+        description="Train one run. Every config field is a flag; flags override the --config file. Writes "
+        "<run>/config.yaml, metrics.jsonl, status.json, train.log, checkpoints/ and adapter/.",
+    )
+    t.add_argument("--config", help="a run config (.yaml or .json); its folder is the run folder unless --out")
+    t.add_argument("--out", help="run folder: config.yaml, metrics.jsonl, status.json, checkpoints/, adapter/")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument("--method", help=f"one of {', '.join(METHOD_CONFIGS)} (default: lora)")
+    t.add_argument("--model", help="base model: 'default' (packaged SmolLM2-135M-Instruct), an HF id or a folder")
+    t.add_argument("--name", help="a display name for the run")
+    _add_fields(t.add_argument_group("data"), DataConfig, rename=DATA_FLAG_NAMES)
+    _add_fields(t.add_argument_group("training"), TrainConfig)
+    _add_method_knobs(t.add_argument_group("method knobs (each applies to the methods in brackets)"))
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="stream a reply from a trained run (or its base model)")
+    g.add_argument("--run", required=True, help="a run folder or an adapter folder")
+    g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--system", help="system prompt (default: the chat template's)")
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", help="0 = greedy (default 0.7)")
+    g.add_argument("--top-p", dest="top_p", help="nucleus sampling mass (default 0.9)")
+    g.add_argument("--seed", help="sampling seed")
+    g.add_argument("--base", action="store_true", help="the base model without the adapter")
+    g.add_argument("--model", help="override the base model recorded in the run")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="copy the adapter, or merge it into the base model (--merge)")
+    e.add_argument("--run", required=True, help="a run folder or an adapter folder")
+    e.add_argument("--out", required=True, help="the folder to write")
+    e.add_argument("--merge", action="store_true", help="write a plain HF model folder with the method folded in")
+    e.add_argument("--model", help="override the base model recorded in the run")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="detect a dataset's format, validate it, show token lengths")
+    i.add_argument("--data", required=True, help="a .json or .jsonl file")
+    i.add_argument("--format", default="auto", help="force a format (default: auto-detect)")
+    i.add_argument("--model", default="default", help="whose tokenizer counts the tokens")
+    i.add_argument("--max-len", dest="max_len", type=int, default=512, help="truncation length (default 512)")
+    i.add_argument("--system-prompt", dest="system_prompt", help="system prompt rendered before every example")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
+
     f = sub.add_parser("fetch-default", help="dequantise the packaged SmolLM2 once and cache it as safetensors")
     f.set_defaults(func=cmd_fetch_default)
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+def _quiet_transformers() -> None:
+    """No 'Loading weights' progress bars from transformers: stderr is for our one-line messages."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CliError, ValueError) as e:  # config values, flags, datasets, adapter folders: the user's input
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: run failed: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; set PEFT_STUDIO_DEBUG=1 for the traceback
+        if os.environ.get("PEFT_STUDIO_DEBUG"):
+            raise
+        if type(e).__name__ == "ModelNotFoundError":  # core.models: a model name or folder the user gave
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        kind = "" if isinstance(e, (RuntimeError, OSError)) else f"{type(e).__name__}: "
+        print(f"error: {kind}{_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

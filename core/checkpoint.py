@@ -10,16 +10,35 @@ An adapter folder holds three files:
 
 Folders are written to a temporary sibling and renamed into place, so a crash never leaves half an adapter.
 Weights are only ever read with safetensors: nothing is unpickled.
+
+Training checkpoints (``<run>/checkpoints/step-N/``, written by core.train, the last two kept):
+
+    adapter/                    a usable adapter folder as above (what the run had learned at step N)
+    trainable.safetensors       every trainable parameter by name: the exact training state, including what the
+                                adapter folder does not hold (prefix tuning's reparameterising MLP, P-Tuning's
+                                prompt encoder)
+    optimizer.pt                ``optimizer.state_dict()`` (tensors, numbers and strings only)
+    rng.pt                      torch (CPU and CUDA) and Python RNG states
+    trainer_state.json          {"step", "micro_batches", "elapsed_s"}: optimiser steps done, micro-batches consumed
+                                (the data position: epoch = micro_batches // batches per epoch), time spent
+
+The ``.pt`` files are written with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
+The learning-rate schedule is a pure function of the step (core.schedules), so the step is its whole state.
+
+``export_merged`` folds a mergeable method into the base weights and writes a plain Hugging Face model folder.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -127,3 +146,157 @@ def load_adapter(model: nn.Module, folder: str | Path) -> Method:
         raise ValueError(f"adapter {folder}: {e}") from None
     model.requires_grad_(False)
     return method
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resume state
+
+
+CHECKPOINTS = "checkpoints"
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop draws from (dropout, shuffling helpers)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))]
+    return [d for _, d in sorted(found) if (d / TRAINER_STATE).is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    base_model: str = "",
+    keep: int = 2,
+) -> Path:
+    """Write ``<run>/checkpoints/step-<state["step"]>/`` atomically, then keep only the newest ``keep``."""
+    final = Path(run_dir) / CHECKPOINTS / f"step-{int(state['step'])}"
+    tmp = atomic_dir(final)
+    try:
+        save_adapter(model, method, tmp / "adapter", base_model=base_model)
+        # what the optimiser owns: every trainable parameter, including those gradual unfreezing holds back for now
+        names = {id(p): n for n, p in model.named_parameters()}
+        trainable = {
+            names[id(p)]: p.detach().to("cpu").contiguous() for g in optimizer.param_groups for p in g["params"]
+        }
+        save_file(trainable, str(tmp / TRAINABLE), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(rng_state(), tmp / RNG)
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        commit_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the trainable parameters and optimiser state saved by ``save_checkpoint`` into an already set-up
+    model (same method applied) and optimiser (same groups). Returns the trainer state, with the RNG states
+    under ``"rng"`` (restore them with ``set_rng_state`` at the point where the run should continue)."""
+    folder = Path(folder)
+    for name in (TRAINABLE, OPTIMIZER, RNG, TRAINER_STATE):
+        if not (folder / name).is_file():
+            raise ValueError(f"checkpoint {folder} is incomplete: {name} is missing")
+    try:
+        tensors = load_file(str(folder / TRAINABLE))
+        opt_state = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
+        rng = torch.load(folder / RNG, weights_only=True, map_location="cpu")
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - any damaged file becomes one sentence
+        raise ValueError(f"checkpoint {folder} is corrupt ({type(e).__name__}: {e})") from None
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint {folder} does not match this model/method: unknown parameters {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if params[name].shape != value.shape:
+                want = tuple(params[name].shape)
+                raise ValueError(f"checkpoint {folder}: {name} has shape {tuple(value.shape)}, expected {want}")
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {folder}: optimiser state does not match this run ({e})") from None
+    state["rng"] = rng
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_adapter(adapter_folder: str | Path, out_dir: str | Path) -> Path:
+    """Copy an adapter folder (checked to be complete) to ``out_dir``, atomically."""
+    adapter_folder, out_dir = Path(adapter_folder), Path(out_dir)
+    read_sidecar(adapter_folder)
+    tmp = atomic_dir(out_dir)
+    try:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR):
+            shutil.copy2(adapter_folder / name, tmp / name)
+        commit_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_merged(model: nn.Module, method: Method, tokenizer, out_dir: str | Path) -> Path:
+    """Fold ``method`` into the weights (``method.bake``) and write a plain HF model folder, atomically.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained`` and needs no PEFT code. ``model`` is changed
+    in place and no longer carries the method afterwards. Refuses non-finite weights (a diverged run)."""
+    if not method.can_merge:
+        raise ValueError(
+            f"method {method.name} cannot be merged into the base model (its result is extra tokens, not weight "
+            f"changes); export the adapter instead"
+        )
+    out_dir = Path(out_dir)
+    method.bake(model)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"refusing to export: merged weight {name} has NaN/inf values")
+    tmp = atomic_dir(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        commit_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
