@@ -109,7 +109,7 @@ def load_model(
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer). The model is in eval mode with every parameter frozen; methods unfreeze."""
-    device = resolve_device(device) if isinstance(device, str) or device is None else device
+    device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
     dtype = dtype or default_dtype(device)
     path = resolve_model_path(name)
     tokenizer = load_tokenizer(name)

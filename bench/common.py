@@ -1,0 +1,77 @@
+"""What both sides of the benchmark share: the cases, the data (tokenised once, identically) and the eval loss."""
+
+from __future__ import annotations
+
+import json
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.config import DataConfig
+from core.data import Example, load_examples, read_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "assets" / "instruction_sample.json"
+SEED = 42
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    method: str                      # our registry name
+    knobs: dict = field(default_factory=dict)
+    lr: float = 2e-4
+    full_examples: int = 0           # 0 = every training example of the sample
+    quick_examples: int = 48
+
+
+CASES = [
+    Case("lora-default", "lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, lr=2e-4, quick_examples=64),
+    Case("prompt-tuning", "prompt_tuning", {"num_virtual_tokens": 20, "init": "random"}, lr=3e-2, full_examples=128),
+    Case("prefix-tuning", "prefix_tuning", {"num_virtual_tokens": 20, "encoder_hidden": 512}, lr=3e-3, full_examples=128),
+    Case("p-tuning", "p_tuning", {"num_virtual_tokens": 20, "encoder_type": "mlp", "encoder_hidden": 128}, lr=3e-3,
+         full_examples=128),
+]
+CASE_BY_NAME = {c.name: c for c in CASES}
+BATCH = 8
+MAX_LEN = 512
+
+
+VAL_COUNT = 32
+
+
+def write_split(out_dir: Path, n_train: int) -> tuple[Path, Path]:
+    """Shuffle the sample's rows with a fixed seed; write the first 32 as val.json and the next n as train.json.
+    Both sides read these two files, so they train and evaluate on exactly the same rows."""
+    rows = read_rows(SAMPLE)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SEED)).tolist()
+    rows = [rows[i] for i in order]
+    val, train = rows[:VAL_COUNT], rows[VAL_COUNT:]
+    train = train[:n_train] if n_train else train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train.json").write_text(json.dumps(train), encoding="utf-8")
+    (out_dir / "val.json").write_text(json.dumps(val), encoding="utf-8")
+    return out_dir / "train.json", out_dir / "val.json"
+
+
+def encode_file(path: Path, tokenizer) -> list[Example]:
+    """Chat-template rendering with prompt tokens masked: the same tokens for both sides."""
+    examples, _ = load_examples(DataConfig(path=str(path)), tokenizer, MAX_LEN)
+    return examples
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def supervised_tokens(examples: list[Example]) -> int:
+    return sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)

@@ -1,0 +1,39 @@
+"""Run one side of one case in a fresh process (so peak memory is that side's alone); print one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from core.config import DEFAULT_MODEL
+from core.models import load_model
+
+from . import ours, peer
+from .common import CASE_BY_NAME, write_split
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", required=True, choices=sorted(CASE_BY_NAME))
+    ap.add_argument("--side", required=True, choices=["ours", "peer"])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    case = CASE_BY_NAME[args.case]
+    torch.manual_seed(0)
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        n = case.quick_examples if args.quick else case.full_examples
+        train_file, val_file = write_split(work / "data", n)
+        side = ours if args.side == "ours" else peer
+        result = side.run(case, model, tokenizer, train_file, val_file, work, device)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Side (b): transformers.Trainer + peft, the way their users typically run it.
+
+Default settings: pad to the longest sequence in each batch (DataCollatorForSeq2Seq), the model's own loss
+(logits over the full vocabulary at every position), the Trainer's default optimiser. Only the hyperparameters
+that the comparison must share (lr, batch, epochs, seed, schedule) are set.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from .common import BATCH, SEED, Case, encode_file, peak_memory_mb, supervised_tokens
+
+
+def peft_config(case: Case, model):
+    import peft
+
+    k = case.knobs
+    if case.method == "lora":
+        return peft.LoraConfig(r=k["r"], lora_alpha=k["alpha"], target_modules=k["targets"], lora_dropout=0.0,
+                               task_type="CAUSAL_LM")
+    if case.method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=k["num_virtual_tokens"], task_type="CAUSAL_LM")
+    if case.method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=k["num_virtual_tokens"], prefix_projection=True,
+                                       encoder_hidden_size=k["encoder_hidden"], task_type="CAUSAL_LM")
+    if case.method == "p_tuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=k["num_virtual_tokens"], encoder_hidden_size=k["encoder_hidden"],
+                                        encoder_reparameterization_type=k["encoder_type"].upper(), task_type="CAUSAL_LM")
+    raise ValueError(f"peft has no counterpart for {case.method}")
+
+
+@torch.no_grad()
+def eval_loss(model, examples, collator, device) -> float:
+    """Token-mean cross-entropy over the supervised tokens of the held-out rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), BATCH):
+        feats = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+                 for e in examples[i : i + BATCH]]
+        batch = {k: v.to(device) for k, v in collator(feats).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    return total / count
+
+
+def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device) -> dict:
+    import peft
+
+    train, val = encode_file(train_file, tokenizer), encode_file(val_file, tokenizer)
+    model = peft.get_peft_model(model, peft_config(case, model))
+    ds = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+                            for e in train])
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    args = TrainingArguments(
+        output_dir=str(work / "peer"), per_device_train_batch_size=BATCH, num_train_epochs=1,
+        learning_rate=case.lr, lr_scheduler_type="linear", warmup_steps=0, seed=SEED, report_to="none",
+        save_strategy="no", logging_steps=10, disable_tqdm=True, use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    mem = peak_memory_mb(device)
+    return {
+        "wall_s": wall,
+        "tokens_per_s": supervised_tokens(train) / wall,
+        "peak_mem_mb": mem,
+        "eval_loss": eval_loss(model, val, collator, device),
+        "trainable": model.get_nb_trainable_parameters()[0],
+    }
