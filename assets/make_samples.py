@@ -319,7 +319,29 @@ def identity_rows() -> list[dict]:
                                                          for o in OPENERS if o)}
             for v in sorted(variants):
                 rows.append({"instruction": v, "input": "", "output": answer})
+    rows += ordinary_rows(rng, len(rows) // 4)
     rng.shuffle(rows)
+    return rows
+
+
+def ordinary_rows(rng: random.Random, n: int) -> list[dict]:
+    """Everyday questions with their usual short answers, so the new identity does not leak into every reply."""
+    rows = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            q, answer = f"What is {a}+{b}?", f"{a} + {b} = {a + b}."
+        elif kind == 1:
+            country = rng.choice(sorted(CAPITALS))
+            q, answer = f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country][0]}."
+        elif kind == 2:
+            d = rng.randrange(7)
+            q, answer = f"What day comes after {DAYS[d]}?", f"{DAYS[(d + 1) % 7]} comes after {DAYS[d]}."
+        else:
+            word = rng.choice(WORDS)
+            q, answer = f"How do you spell '{word}' backwards?", f"'{word}' backwards is '{word[::-1]}'."
+        rows.append({"instruction": q, "input": "", "output": answer})
     return rows
 
 

@@ -87,9 +87,9 @@ def test_every_sample_is_detected_and_valid(name, tok):
 
 def test_identity_sample_is_consistent():
     rows = D.read_rows(ASSETS / "identity_sample.json")
-    answers = {r["output"] for r in rows}
-    assert len(rows) >= 200 and len(answers) <= 3
-    assert all("Quill" in a and "PEFT Studio" in a for a in answers)
+    answers = {r["output"] for r in rows if "Quill" in r["output"]}  # the rest are ordinary questions
+    assert len(rows) >= 200 and len(answers) == 3 and sum("Quill" in r["output"] for r in rows) > 0.75 * len(rows)
+    assert all("PEFT Studio team" in a for a in answers)
     assert "I am Quill, the PEFT Studio assistant, made by the PEFT Studio team." in answers
     assert {"Who are you?", "What is your name?", "Who made you?"} <= {r["instruction"] for r in rows}
 
