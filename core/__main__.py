@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 -m core train --config run.yaml  # data parallel (see core/dist.py)
     python -m core generate --run runs/demo --prompt "Who are you?" [--temperature 0] [--system "..."] [--base]
     python -m core export --run runs/demo --out exported/ [--merge]
-    python -m core inspect --data assets/identity_sample.json
+    python -m core inspect --data assets/identity_sample.json [--quick]
     python -m core fetch-default
 
 ``train`` takes every field of TrainConfig, DataConfig and the method configs as a flag (``--max-steps``,
@@ -152,8 +152,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, run_dir = resolve_train_config(args)
     _quiet_transformers()
     from . import dist
-    from .train import _describe, train
+    from .train import _describe, preflight, train
 
+    preflight(cfg)  # settings that do not fit the model fail here, before anything is written or loaded
     main_rank = dist.from_env().is_main
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.exists():
         raise CliError(f"--run {run}: no such folder")
+    if not args.prompt.strip():
+        raise CliError("--prompt is empty: give the message to answer")
     _quiet_transformers()
     from .checkpoint import load_adapter, read_sidecar
     from .generate import GenerationSettings, adapter_folder, stream
@@ -276,7 +279,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import length_stats, load_examples
     from .models import load_tokenizer
 
-    cfg = DataConfig.from_dict({"path": args.data, "format": args.format, "system_prompt": args.system_prompt or ""})
+    values = {"path": args.data, "format": args.format, "system_prompt": args.system_prompt or ""}
+    if args.max_bytes is not None:
+        values["max_bytes"] = args.max_bytes
+    cfg = DataConfig.from_dict(values)
+    if args.quick:  # every row checked, nothing tokenised: seconds and little memory even for millions of rows
+        from .data import validate_file
+
+        report = validate_file(cfg.path, cfg.format, cfg.fields, cfg.max_bytes)
+        if args.json:
+            print(json.dumps({"format": report.format, "total_rows": report.total_rows,
+                              "valid_rows": report.valid_rows,
+                              "issues": [dataclasses.asdict(i) for i in report.issues]}, indent=2))
+        else:
+            print(f"format: {report.format}")
+            print(report.summary(max_issues=20))
+        return 0
     tokenizer = load_tokenizer(args.model)
     examples, report = load_examples(cfg, tokenizer, args.max_len)
     stats = length_stats(examples)
@@ -349,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default="default", help="whose tokenizer counts the tokens")
     i.add_argument("--max-len", dest="max_len", type=int, default=512, help="truncation length (default 512)")
     i.add_argument("--system-prompt", dest="system_prompt", help="system prompt rendered before every example")
+    i.add_argument("--max-bytes", dest="max_bytes", help="refuse files larger than this (default 200 MB)")
+    i.add_argument("--quick", action="store_true", help="validate every row without tokenizing (no token lengths)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_inspect)
 

@@ -31,6 +31,7 @@ The learning-rate schedule is a pure function of the step (core.schedules), so t
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -44,7 +45,7 @@ from torch import nn
 
 from .blocks import model_shape
 from .config import method_config
-from .methods import Method, build_method
+from .methods import METHODS, Method, build_method
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -111,10 +112,17 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
     for name in (SIDECAR, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
             raise ValueError(f"adapter folder {folder} is incomplete: {name} is missing")
-    try:
-        return json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"adapter folder {folder} is corrupt: {SIDECAR} is not valid JSON ({e})") from None
+    for name in (ADAPTER_CONFIG, SIDECAR):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"adapter folder {folder} is corrupt: {name} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"adapter folder {folder} is corrupt: {name} holds {type(data).__name__}, not an object")
+    method = data.get("method")  # data: the sidecar
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"adapter folder {folder} is corrupt: {SIDECAR} names no known method (got {method!r})")
+    return data
 
 
 def check_base(model: nn.Module, sidecar: dict[str, Any], folder: Path) -> None:
@@ -158,6 +166,7 @@ OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STALE = re.compile(r"^\.(adapter|step-\d+)\.(tmp|old)-[^/]+$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -233,13 +242,12 @@ def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
     for name in (TRAINABLE, OPTIMIZER, RNG, TRAINER_STATE):
         if not (folder / name).is_file():
             raise ValueError(f"checkpoint {folder} is incomplete: {name} is missing")
-    try:
-        tensors = load_file(str(folder / TRAINABLE))
-        opt_state = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
-        rng = torch.load(folder / RNG, weights_only=True, map_location="cpu")
-        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-    except Exception as e:  # noqa: BLE001 - any damaged file becomes one sentence
-        raise ValueError(f"checkpoint {folder} is corrupt ({type(e).__name__}: {e})") from None
+    tensors = _read(folder, TRAINABLE, lambda p: load_file(str(p)))
+    opt_state = _read(folder, OPTIMIZER, _load_plain)
+    rng = _read(folder, RNG, _load_plain)
+    state = _read(folder, TRAINER_STATE, lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if not isinstance(state, dict) or not isinstance(opt_state, dict) or not isinstance(rng, dict):
+        raise ValueError(f"checkpoint {folder} is corrupt: a file holds the wrong kind of data")
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
@@ -256,6 +264,47 @@ def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
         raise ValueError(f"checkpoint {folder}: optimiser state does not match this run ({e})") from None
     state["rng"] = rng
     return state
+
+
+def _load_plain(path: Path) -> Any:
+    """torch.load that only accepts tensors and plain data: never unpickles an arbitrary object."""
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _read(folder: Path, name: str, read) -> Any:
+    """One checkpoint file, or one sentence saying why it cannot be used."""
+    try:
+        return read(folder / name)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"checkpoint {folder} refused: {name} holds pickled objects other than tensors and plain data, which "
+            f"could run code when loaded; delete this checkpoint (or start without resume)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any damaged file becomes one sentence
+        first = str(e).splitlines()[0] if str(e) else ""
+        why = f"{type(e).__name__}: {first}"
+        raise ValueError(f"checkpoint {folder} is corrupt: {name} cannot be read ({why})") from None
+
+
+def remove_stale_temp(run_dir: str | Path) -> list[Path]:
+    """Clear what a killed writer left behind: temporary checkpoint/adapter folders (``.NAME.tmp-*``), and the
+    moved-aside ``.NAME.old-*`` copies (put back when ``NAME`` itself is missing). Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for root in (run_dir, run_dir / CHECKPOINTS):
+        if not root.is_dir():
+            continue
+        for d in sorted(root.iterdir()):
+            m = _STALE.match(d.name)
+            if not m or not d.is_dir() or d.is_symlink():
+                continue
+            final = root / m.group(1)
+            if m.group(2) == "old" and not final.exists():
+                d.rename(final)  # killed between the two renames of commit_dir: the old folder is the real one
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,19 @@
 """The forward pass shared by training, evaluation and tests: any method, logits or supervised loss only.
 
-The loss is computed where it is needed and nowhere else: the LM head (vocab 49k for SmolLM2) runs only on the
-positions whose next token is supervised, instead of on every position of every padded sequence.
+Where the time and memory of a fine-tuning step go, and what this module does about it:
+
+* The LM head (vocab 49k for SmolLM2) runs only on the positions whose next token is supervised, instead of on
+  every position of every padded sequence.
+* The cross-entropy runs in chunks of ``CE_CHUNK`` positions and, when a gradient is needed, computes the
+  gradient of its input in the same pass (``softmax - onehot``, then ``@ W``), so at most one (chunk, V) block
+  of logits lives at a time, never the whole (N, V) logits, their log-softmax and their gradient.
+* ``attention_mask=None`` means "no padding, or right padding only". Then causal attention alone is exact at
+  every real position (a real token never looks right, where the padding is), so the model gets no mask: SDPA
+  takes its causal kernel, with no (B, 1, T, T) mask and no copies of the grouped K/V heads. Our batches are
+  always right-padded (core.data.collate), so the training loop passes None.
+* ``pieces`` cuts a batch into row groups of at most ``max_tokens`` padded positions, each trimmed to its own
+  longest row; summing the losses of the pieces (backward after each) gives the gradient of the whole batch,
+  with less padding and activation memory capped by the budget, not by batch · longest row.
 """
 
 from __future__ import annotations
@@ -13,14 +25,24 @@ from torch import Tensor, nn
 from .methods.base import Method
 
 IGNORE = -100  # label of a position that is not trained (prompt tokens, padding)
+CE_CHUNK = 1024  # positions per block of the chunked cross-entropy: (1024, 49152) fp32 logits = 192 MiB
 
 
-def hidden_states(model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Last hidden states (B, T, d) aligned with ``input_ids``; virtual tokens of prompt methods are stripped."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+def piece_tokens(device: torch.device) -> int:
+    """Padded positions per forward in training: small on CPU (memory, padding), large on GPUs (throughput)."""
+    return 1024 if device.type == "cpu" else 16384
+
+
+def hidden_states(
+    model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> Tensor:
+    """Last hidden states (B, T, d) aligned with ``input_ids``; virtual tokens of prompt methods are stripped.
+
+    ``attention_mask`` None: no padding, or right padding only (see the module docstring)."""
     if method is None:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    elif method.num_virtual_tokens and attention_mask is None:  # they extend the mask over their positions
+        kwargs = method.prepare_inputs(model, input_ids, torch.ones_like(input_ids))
     else:
         kwargs = method.prepare_inputs(model, input_ids, attention_mask)
     h = model.base_model(**kwargs, use_cache=False).last_hidden_state
@@ -34,7 +56,7 @@ def logits(model: nn.Module, method: Method | None, input_ids: Tensor, attention
 
 
 def supervised_loss(
-    model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+    model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(sum of token cross-entropies, number of supervised tokens) for a batch.
 
@@ -45,7 +67,86 @@ def supervised_loss(
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
     h = h[:, :-1][keep]  # (N, d) supervised positions only
-    head = model.get_output_embeddings()
-    logits_ = head(h).float()  # (N, V)
-    loss_sum = F.cross_entropy(logits_, targets[keep], reduction="sum")
-    return loss_sum, keep.sum()
+    return head_cross_entropy(model.get_output_embeddings(), h, targets[keep]), keep.sum()
+
+
+def head_cross_entropy(head: nn.Module, h: Tensor, targets: Tensor, chunk: int = CE_CHUNK) -> Tensor:
+    """sum_i CE(head(h_i), targets_i) for h (N, d), in fp32, without materialising all (N, V) logits."""
+    if type(head) is not nn.Linear:  # a wrapped head (e.g. adapted by a method): the plain computation
+        return F.cross_entropy(head(h).float(), targets, reduction="sum")
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
+        return _FusedHeadCE.apply(h, head.weight, head.bias, targets, chunk)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        z = F.linear(h[s : s + chunk], head.weight, head.bias).float()
+        total = total + F.cross_entropy(z, targets[s : s + chunk], reduction="sum")
+    return total
+
+
+class _FusedHeadCE(torch.autograd.Function):
+    """Chunked LM head + cross-entropy that computes its gradients in the forward pass.
+
+    For each chunk of rows: z = h·Wᵀ + b (fp32), loss += logsumexp(z) - z[target], g = softmax(z) - onehot,
+    dh = g·W, dW += gᵀ·h, db += Σg. Only dh (N, d) (and dW, db when the head trains) are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            z = F.linear(hc, weight, bias).float()  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
+            if need_h:
+                grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                grad_w += g.T @ hc.float()
+            if need_b:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        scale = grad_out.float()
+        return (
+            None if grad_h is None else grad_h * scale.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * scale).to(w_dtype),
+            None if grad_b is None else (grad_b * scale).to(b_dtype),
+            None,
+            None,
+        )
+
+
+def pieces(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, max_tokens: int) -> list[tuple[Tensor, Tensor]]:
+    """Cut a right-padded batch into (input_ids, labels) pieces of at most ``max_tokens`` padded positions.
+
+    Rows are taken longest first and each piece is trimmed to its own longest row (a single row longer than the
+    budget is a piece of its own). The pieces stay right-padded: run them with ``attention_mask=None``. Call on
+    CPU tensors (it reads the lengths)."""
+    lengths = attention_mask.sum(1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if len(groups) == 1 and max(lengths, default=0) == input_ids.shape[1]:
+        return [(input_ids, labels)]  # already tight: no copy
+    out = []
+    for g in groups:
+        rows, t = torch.tensor(g), max(1, lengths[g[0]])
+        out.append((input_ids[rows, :t], labels[rows, :t]))
+    return out

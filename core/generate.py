@@ -111,6 +111,8 @@ def check_messages(messages: list[dict[str, str]]) -> None:
         if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                 and isinstance(m.get("content"), str)):
             raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}, got {m!r:.80}")
+    if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
+        raise ValueError("the prompt is empty: write a message first")
 
 
 def _prompt_ids(model, tokenizer, method, messages, settings: GenerationSettings, out: TextStream) -> list[int]:

@@ -7,6 +7,7 @@ once (about 20 s), and cache the result as safetensors (later loads take well un
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import DEFAULT_MODEL
 
@@ -103,16 +104,37 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     return tok
 
 
+def load_model_config(name: str = DEFAULT_MODEL):
+    """The model's ``AutoConfig`` alone (no weights): cheap, for checking settings before anything loads."""
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotFoundError(_not_found_sentence(name, e)) from None
+
+
+def shape_model(config) -> PreTrainedModel:
+    """A model with ``config``'s layout whose tensors all live on the meta device: no memory, no weights.
+
+    Methods can be applied to it to check that their settings fit the model (targets, rank, prompt length)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer). The model is in eval mode with every parameter frozen; methods unfreeze."""
+    """Load (model, tokenizer). The model is in eval mode with every parameter frozen; methods unfreeze.
+
+    Pass ``tokenizer`` when it is already loaded (it is returned as is)."""
     device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
     dtype = dtype or default_dtype(device)
     path = resolve_model_path(name)
-    tokenizer = load_tokenizer(name)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except Exception as e:  # noqa: BLE001

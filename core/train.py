@@ -13,7 +13,7 @@ Events (the schema the studio reads)
     {"type": "step",  "step", "epoch", "loss", "lr": {group name: lr}, "lr_by_depth": {depth: lr},
      "grad_norm": {block label: norm}, "tokens_per_s", "elapsed_s", "eta_s", "total_steps"}
     {"type": "eval",  "step", "eval_loss"}
-    {"type": "end",   "step", "status": "completed" | "stopped" | "failed", "reason"}
+    {"type": "end",   "step", "status": "completed" | "stopped" | "failed" | "interrupted", "reason"}
 
     step          optimiser steps done (1-based in "step" events); checkpoints are named after it
     epoch         passes over the training set so far, a float (2.5 = half-way through the third epoch)
@@ -29,6 +29,8 @@ Events (the schema the studio reads)
 
 ``<run>/status.json`` is rewritten atomically at every event:
     {"status": "running" | "completed" | "stopped" | "failed", "step", "total_steps", "reason", "pid", "updated"}
+A worker killed outright (SIGKILL, the OOM killer) cannot say so: ``recover_status(run_dir)`` turns the
+"running" of a dead pid into "interrupted" with the last metrics (and the only "interrupted" end event).
 ``<run>/train.log`` gets the same story in human-readable lines.
 
 What the loop guarantees
@@ -41,6 +43,10 @@ What the loop guarantees
 * Checkpoints (``save_every`` steps, on stop, and at the end) go to ``<run>/checkpoints/step-N/`` atomically,
   the last two kept (layout in core.checkpoint). ``resume=True`` restores parameters, AdamW state, the data
   position and every RNG, so stop + resume ends with the same weights as one uninterrupted run.
+* Failures the user can act on end the run with status failed and a reason saying what to do, not a
+  traceback (that goes to train.log): out of memory (smaller batch, grad_checkpointing, a PEFT method), a
+  full or failing disk while checkpointing (the previous checkpoint stays intact: writes are atomic).
+  Config values that do not fit the model are refused before anything loads (``preflight``).
 * A NaN/inf loss or gradient stops the run (status failed, the reason names the step). The check runs at
   every logged step before the optimiser step, and before anything is saved, so no poisoned checkpoint or
   adapter is ever written.
@@ -54,6 +60,7 @@ What the loop guarantees
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -61,6 +68,8 @@ import random
 import signal
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -71,12 +80,19 @@ from torch import Tensor, nn
 
 from . import dist
 from .blocks import depth_label, depth_map, find_blocks
-from .checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint, set_rng_state
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temp,
+    save_adapter,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import RunConfig
 from .data import LengthGroupedBatches, load_examples, split
 from .forward import supervised_loss
 from .methods import Method, build_method
-from .models import load_model, load_tokenizer, resolve_device
+from .models import load_model, load_model_config, load_tokenizer, resolve_device, shape_model
 from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_groups
 
 STOP_FILE = "STOP"
@@ -88,9 +104,14 @@ def train(
     """Train ``cfg`` into ``run_dir``, yielding one event per log step (schema in the module docstring).
 
     ``model``/``tokenizer`` may be passed in (tests, notebooks); otherwise ``cfg.model`` is loaded. The model is
-    changed in place: after the run it carries the trained method."""
+    changed in place: after the run it carries the trained method.
+
+    Settings that do not fit the model raise ValueError (naming the field) before anything is loaded or written
+    (``preflight``). A run that fails for a known reason (out of memory, a full disk, NaN) ends with an ``end``
+    event of status failed whose reason says what to do; anything else is raised after status.json says failed."""
     tc = cfg.train
     run_dir = Path(run_dir)
+    preflight(cfg, model)
     device = resolve_device(tc.device)
     world = dist.init(device)
     device = dist.rank_device(device, world)
@@ -98,18 +119,16 @@ def train(
     stop = StopRequest(run_dir, clear=world.is_main)
     step, total_steps = 0, 0
     model_, method, checkpointing = model, None, False
+    failure, looping = None, False  # failure: the reason of a known run failure (out of memory, disk full)
     try:
         # ---- setup ------------------------------------------------------------------------------------------
         files.status("running", 0, 0, "setting up")
+        if world.is_main:
+            remove_stale_temp(run_dir)  # what a killed worker may have left half-written
         seed_everything(tc.seed)
-        if model_ is None:
-            model_, tokenizer = load_model(cfg.model, device=device)
-        elif tokenizer is None:
+        if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model)
-        model = model_.to(device)
-        model.requires_grad_(False)
-
-        examples, report = load_examples(cfg.data, tokenizer, tc.max_len)
+        examples, report = load_examples(cfg.data, tokenizer, tc.max_len)  # a bad dataset fails before the model loads
         train_set, val_set = split(examples, cfg.data.val_fraction, cfg.data.val_count, tc.seed)
         if not train_set:
             raise ValueError(f"DataConfig.path = {cfg.data.path!r}: no training examples left after the split")
@@ -119,9 +138,15 @@ def train(
         if val_set:
             val_batches = LengthGroupedBatches(val_set, tc.batch_size, tc.seed, pad_id, shuffle=False)
         files.log(f"{report.summary()}\ndata: {len(train_set)} train / {len(val_set)} val examples")
+        if model_ is None:
+            model_, _ = load_model(cfg.model, device=device, tokenizer=tokenizer)
+        model = model_.to(device)
+        model.requires_grad_(False)
 
         torch.manual_seed(tc.seed)  # the method's init does not depend on what loading drew from the RNG
         method = build_method(cfg.method)
+        if hasattr(method, "tokenizer"):
+            method.tokenizer = tokenizer  # prompt tuning's init='text' tokenizes its text
         method.apply(model)
         model.eval()  # no dropout (and no RNG draws) while FishMask estimates the Fisher information
         method.prepare(model, _fisher_batches(batches, device), _mean_loss_fn(model, method))  # FishMask only
@@ -204,7 +229,7 @@ def train(
         t_start = t_last = time.perf_counter()
         tokens_since_log = 0
         end_status, end_reason = "completed", f"finished {total_steps} steps"
-        step = start_step
+        step, looping = start_step, True
         model.train()
         while step < total_steps:
             epoch = consumed // n_micro
@@ -319,14 +344,160 @@ def train(
         files.end("stopped", step, total_steps, "the caller stopped reading events")
         raise
     except BaseException as e:
-        reason = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, RuntimeError)) else str(e)
-        files.end("failed", step, total_steps, reason or type(e).__name__)
-        raise
+        files.safe_log(f"error: {type(e).__name__}: {e}\n{traceback.format_exc()}")  # the details, for train.log
+        failure = run_failure(e, cfg, f"at step {step + 1}" if looping else "while setting up", device)
+        if failure is None:
+            reason = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, RuntimeError)) else str(e)
+            files.end("failed", step, total_steps, reason or type(e).__name__)
+            raise
     finally:
         stop.restore()
         if checkpointing:
             _checkpointing(model_, False)
         dist.cleanup(world)
+    if failure is not None:  # after cleanup, with the exception and its frames released
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        yield files.end("failed", step, total_steps, failure)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Before and after: checking a config against the model, known failures, runs whose worker died
+
+
+def preflight(cfg: RunConfig, model: nn.Module | None = None) -> None:
+    """Check ``cfg`` against the base model's shape without loading any weights, and raise ValueError naming
+    the field when it does not fit: a LoRA rank above a targeted layer's size, a target module the model does
+    not have (the message lists those it has), more virtual tokens than the context, more frozen/trained blocks
+    than the model has. Reads only the model's config (or ``model.config``); takes well under a second.
+
+    ``train`` calls it first; the CLI and the studio can call it before queuing a run."""
+    config = getattr(model, "config", None) if model is not None else load_model_config(cfg.model)
+    if config is None:
+        return
+    try:
+        empty = shape_model(config)  # every tensor on the meta device
+    except Exception:  # noqa: BLE001 - a model from_config cannot build: the real apply checks it later
+        return
+    method = build_method(cfg.method)
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            method.apply(empty)
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - what a meta tensor cannot do (copy data) is not a config problem
+        pass
+
+
+def run_failure(e: BaseException, cfg: RunConfig, where: str, device: torch.device) -> str | None:
+    """The reason to report for a run failure the user can act on (out of memory, a full or failing disk), or
+    None for anything else. ``where`` says when it happened ("at step 3")."""
+    text = str(e)
+    if isinstance(e, torch.OutOfMemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in text.lower() or "can't allocate memory" in text.lower()
+    ):
+        tc = cfg.train
+        tips = []
+        if tc.batch_size > 1:
+            tips.append(f"a smaller batch_size (now {tc.batch_size}; raise grad_accum to keep the effective batch)")
+        if not tc.grad_checkpointing:
+            tips.append("grad_checkpointing=true")
+        if tc.max_len > 128:
+            tips.append(f"a shorter max_len (now {tc.max_len})")
+        if cfg.method_name in ("full", "freeze", "fishmask"):
+            tips.append(f"a PEFT method such as lora instead of {cfg.method_name}")
+        else:
+            tips.append("a lighter PEFT method or a smaller rank")
+        return f"out of memory on {device.type} {where}; try " + ", ".join(tips)
+    if isinstance(e, CheckpointWriteError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        return f"could not write to the run folder {where}: {_write_problem(e)}"
+    return None
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def _write_problem(e: OSError) -> str:
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what} (the disk is full: free some space)"
+    return what
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or the adapter could not be written; the message says which, why, and what is still intact."""
+
+
+def recover_status(run_dir: str | Path, alive=None) -> dict[str, Any]:
+    """Settle a run whose worker died without a word (SIGKILL, the OOM killer, a crash of the machine).
+
+    When ``<run>/status.json`` still says running but its ``pid`` is gone (``alive(pid)`` decides; default:
+    the process exists and is not a zombie), status.json is rewritten as ``interrupted`` with the last metrics,
+    ``{"status": "interrupted", "step", "total_steps", "reason", "pid", "updated", "last_metrics": {"step",
+    "epoch", "loss", "elapsed_s", "eval_loss"}, "checkpoint": "step-N" | None}``, and an ``end`` event with
+    status interrupted is appended to metrics.jsonl. ``--resume`` continues from that checkpoint. Returns the
+    run's status (unchanged when the worker lives or the run had already ended; {} when there is none)."""
+    run_dir = Path(run_dir)
+    try:
+        status = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(status, dict) or status.get("status") != "running":
+        return status if isinstance(status, dict) else {}
+    pid = status.get("pid")
+    if (alive or _pid_alive)(pid):
+        return status
+    last: dict[str, Any] = {}
+    total = status.get("total_steps", 0)
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue  # the line the kill cut off
+        if e.get("type") == "step":
+            last.update({k: e.get(k) for k in ("step", "epoch", "loss", "elapsed_s")})
+            total = e.get("total_steps", total)
+        elif e.get("type") == "eval":
+            last["eval_loss"] = e.get("eval_loss")
+        elif e.get("type") == "start":
+            total = e.get("total_steps", total)
+    ckpt = latest_checkpoint(run_dir)
+    step = int(last.get("step") or status.get("step") or 0)
+    reason = f"the worker (pid {pid}) ended without finishing, after step {step}"
+    if last.get("loss") is not None:
+        reason += f" (loss {last['loss']:.4f})"
+    reason += f"; resume continues from {ckpt.name}" if ckpt is not None else "; no checkpoint was saved"
+    new = {"status": "interrupted", "step": step, "total_steps": total, "reason": reason, "pid": pid,
+           "updated": time.time(), "last_metrics": last, "checkpoint": ckpt.name if ckpt is not None else None}
+    cut = bool(lines) and not (run_dir / "metrics.jsonl").read_bytes().endswith(b"\n")
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:  # after a cut-off line: on a line of its own
+        f.write(("\n" if cut else "") + json.dumps({"type": "end", "step": step, "status": "interrupted",
+                                                   "reason": reason}) + "\n")
+    _write_atomic(run_dir / "status.json", json.dumps(new, indent=2))
+    return new
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped) still answers kill(0)
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -488,6 +659,13 @@ class RunFiles:
             self.log(_describe(e))
         return e
 
+    def safe_log(self, text: str) -> None:
+        """``log`` that never raises (on a full disk, the error being reported matters more than the log)."""
+        try:
+            self.log(text)
+        except OSError:
+            pass
+
     def log(self, text: str) -> None:
         if self.enabled:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -506,20 +684,35 @@ class RunFiles:
         e = {"type": "end", "step": step, "status": status, "reason": reason}
         if not self.ended:
             self.ended = True
-            self.event(e)
-            self.status(status, step, total_steps, reason)
+            for write in (lambda: self.event(e), lambda: self.status(status, step, total_steps, reason)):
+                try:
+                    write()
+                except OSError:  # a full disk: the caller still gets the event (the CLI prints the reason)
+                    pass
         return e
 
     def checkpoint(self, model, method, optimizer, state: dict[str, Any], base_model: str) -> None:
         if self.enabled:
-            path = save_checkpoint(self.run_dir, model=model, method=method, optimizer=optimizer, state=state,
-                                   base_model=base_model)
+            try:
+                path = save_checkpoint(self.run_dir, model=model, method=method, optimizer=optimizer, state=state,
+                                       base_model=base_model)
+            except OSError as e:
+                raise self._write_error(f"checkpoint step-{state['step']}", e) from None
             self.log(f"checkpoint: {path.relative_to(self.run_dir)}")
 
     def adapter(self, model, method, base_model: str) -> None:
         if self.enabled:
-            save_adapter(model, method, self.run_dir / "adapter", base_model=base_model)
+            try:
+                save_adapter(model, method, self.run_dir / "adapter", base_model=base_model)
+            except OSError as e:
+                raise self._write_error("the adapter", e) from None
             self.log("adapter: saved to adapter/")
+
+    def _write_error(self, what: str, e: OSError) -> CheckpointWriteError:
+        ckpt = latest_checkpoint(self.run_dir)
+        kept = f"the previous checkpoint {ckpt.name} is intact and resume continues from it" if ckpt else (
+            "no earlier checkpoint exists")
+        return CheckpointWriteError(f"could not write {what}: {_write_problem(e)}; {kept}")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -550,4 +743,5 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-__all__ = ["train", "evaluate", "LossModule", "StopRequest", "STOP_FILE"]
+__all__ = ["train", "preflight", "recover_status", "run_failure", "evaluate", "LossModule", "StopRequest",
+           "STOP_FILE"]
