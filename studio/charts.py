@@ -1,0 +1,221 @@
+"""Plotly figures drawn from metrics.jsonl events (schema in studio/metrics.py). Pure functions: events in,
+figure out, so they are tested without a browser and redrawn by the Monitor tab's timer."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import plotly.graph_objects as go
+
+from .metrics import of_type
+
+HEIGHT = 320
+COLORS = ["#4f46e5", "#0891b2", "#16a34a", "#d97706", "#db2777", "#7c3aed", "#475569", "#dc2626"]
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = HEIGHT) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "font": {"size": 14}},
+        template="plotly_white",
+        height=height,
+        margin={"l": 55, "r": 15, "t": 45, "b": 45},
+        xaxis_title=x,
+        yaxis_title=y,
+        legend={"orientation": "h", "y": -0.25},
+        uirevision="keep",  # keep the user's zoom across timer redraws
+    )
+    return fig
+
+
+def empty(title: str, message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"size": 13})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, "", "")
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def ema(values: list[float], alpha: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard's smoothing): s_t = α·s_{t−1} + (1−α)·x_t, / (1−α^t)."""
+    out, s = [], 0.0
+    for t, v in enumerate(values, 1):
+        s = alpha * s + (1 - alpha) * v
+        out.append(s / (1 - alpha**t))
+    return out
+
+
+def _loss_points(events: list[dict]) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for e in of_type(events, "step"):
+        loss = _num(e.get("loss"))
+        if loss is not None:
+            xs.append(e.get("step"))
+            ys.append(loss)
+    return xs, ys
+
+
+def loss_figure(events: list[dict], log_scale: bool = False, smoothing: float = 0.9) -> go.Figure:
+    """Train loss (raw, thin) and its EMA (bold), plus eval loss as markers."""
+    xs, ys = _loss_points(events)
+    evals = [(e.get("step"), _num(e.get("eval_loss"))) for e in of_type(events, "eval")]
+    evals = [(s, v) for s, v in evals if v is not None]
+    if not xs and not evals:
+        return empty("Loss", "No training steps yet")
+    fig = go.Figure()
+    if xs:
+        fig.add_scatter(x=xs, y=ys, mode="lines", name="train (raw)", line={"color": "#a5b4fc", "width": 1})
+        fig.add_scatter(x=xs, y=ema(ys, smoothing), mode="lines", name=f"train (EMA {smoothing:g})",
+                        line={"color": COLORS[0], "width": 2.5})
+    if evals:
+        fig.add_scatter(x=[s for s, _ in evals], y=[v for _, v in evals], mode="lines+markers", name="eval",
+                        line={"color": COLORS[3], "width": 2, "dash": "dot"}, marker={"size": 8})
+    _layout(fig, "Loss", "step", "cross-entropy (nats/token)")
+    if log_scale:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def _depth_name(depth: str | int | None, num_layers: int | None) -> str:
+    try:
+        d = int(depth)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "prompt" if depth in (None, "None", "null") else str(depth)
+    if d < 0:
+        return "embed"
+    if num_layers is not None and d >= num_layers:
+        return "head"
+    return f"block {d}"
+
+
+def lr_groups_figure(events: list[dict]) -> go.Figure:
+    """The learning rate of every optimiser param group over steps (LLRD makes them fan out)."""
+    steps = of_type(events, "step")
+    if not steps:
+        return empty("Learning rate by group", "No training steps yet")
+    names: list[str] = []
+    for e in steps:
+        for n in (e.get("lr") or {}):
+            if n not in names:
+                names.append(n)
+    fig = go.Figure()
+    same = all(len({round(v, 15) for v in (e.get("lr") or {}).values() if _num(v) is not None}) <= 1 for e in steps)
+    if same and len(names) > 1:  # one line instead of a legend of identical curves
+        names, label = names[:1], f"all {len(names)} groups"
+    else:
+        label = ""
+    for i, n in enumerate(names):
+        pts = [(e["step"], _num((e.get("lr") or {}).get(n))) for e in steps]
+        pts = [(s, v) for s, v in pts if v is not None]
+        fig.add_scatter(x=[s for s, _ in pts], y=[v for _, v in pts], mode="lines", name=label or n,
+                        showlegend=True, line={"color": COLORS[i % len(COLORS)], "width": 2})
+    title = "Learning rate by group"
+    if _single_rate(steps[-1]):
+        title += " — one rate for every trained parameter (no per-layer decay)"
+    return _layout(fig, title, "step", "learning rate")
+
+
+def _single_rate(step_event: dict) -> bool:
+    rates = {round(v, 15) for v in (step_event.get("lr") or {}).values() if _num(v) is not None}
+    return len(rates) <= 1
+
+
+def lr_depth_figure(events: list[dict]) -> go.Figure:
+    """The current learning rate by block depth, bottom (embeddings) to top (head)."""
+    steps = of_type(events, "step")
+    if not steps:
+        return empty("Current lr by depth", "No training steps yet")
+    start = (of_type(events, "start") or [{}])[-1]
+    num_layers = start.get("num_layers")
+    by_depth = steps[-1].get("lr_by_depth") or {}
+    items = []
+    for k, v in by_depth.items():
+        try:
+            key = int(k)
+        except (TypeError, ValueError):
+            key = 10**9  # method-owned (None) last
+        if _num(v) is not None:
+            items.append((key, _depth_name(k, num_layers), float(v)))
+    if not items:
+        return empty("Current lr by depth", "This method has no per-layer parameters")
+    items.sort()
+    fig = go.Figure(go.Bar(x=[n for _, n, _ in items], y=[v for _, _, v in items], marker_color=COLORS[1]))
+    title = f"Current lr by depth (step {steps[-1].get('step')})"
+    if len({round(v, 15) for _, _, v in items}) == 1:
+        title += " — flat: this run uses a single rate (LLRD off or one group)"
+    return _layout(fig, title, "depth (bottom → top)", "learning rate")
+
+
+def _block_order(label: str) -> tuple[int, int, str]:
+    if label == "embed":
+        return (0, 0, label)
+    m = re.match(r"block (\d+)$", label)
+    if m:
+        return (1, int(m.group(1)), label)
+    if label == "head":
+        return (2, 0, label)
+    return (3, 0, label)
+
+
+def grad_heatmap(events: list[dict], max_columns: int = 300) -> go.Figure:
+    """Gradient norm per block (rows, bottom block at the bottom) over steps (columns), colour on a log scale."""
+    steps = [e for e in of_type(events, "step") if e.get("grad_norm")]
+    if not steps:
+        return empty("Gradient norm per block", "No gradient norms yet")
+    if len(steps) > max_columns:  # thin out long runs so the browser stays fast
+        stride = math.ceil(len(steps) / max_columns)
+        steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
+    labels = sorted({k for e in steps for k in e["grad_norm"] if k != "total"}, key=_block_order)
+    z = []
+    for label in labels:
+        row = []
+        for e in steps:
+            v = _num(e["grad_norm"].get(label))
+            row.append(math.log10(v) if v is not None and v > 0 else None)
+        z.append(row)
+    fig = go.Figure(go.Heatmap(
+        x=[e["step"] for e in steps], y=labels, z=z, colorscale="Viridis",
+        colorbar={"title": {"text": "log10 ‖g‖"}},
+        hovertemplate="step %{x}<br>%{y}<br>log10 ‖g‖ = %{z:.2f}<extra></extra>",
+    ))
+    return _layout(fig, "Gradient norm per block", "step", "", height=max(HEIGHT, 18 * len(labels) + 120))
+
+
+def length_histogram(lengths: list[int], max_len: int | None = None) -> go.Figure:
+    """Token lengths of the examples, with the truncation limit as a line."""
+    if not lengths:
+        return empty("Token lengths", "No examples")
+    fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(50, max(5, len(set(lengths)))), marker_color=COLORS[0]))
+    title = f"Token lengths ({len(lengths)} examples)"
+    if max_len and max_len <= 1.25 * max(lengths):  # draw the limit only where it does not squash the bars
+        fig.add_vline(x=max_len, line={"color": COLORS[7], "dash": "dash"},
+                      annotation_text=f"max_len {max_len}", annotation_position="top left")
+    elif max_len:
+        title += f" — all below max_len {max_len}"
+    return _layout(fig, title, "tokens per example", "examples")
+
+
+def overlay_figure(runs: list[tuple[str, list[dict]]], log_scale: bool = False, smoothing: float = 0.9) -> go.Figure:
+    """Smoothed train loss (solid) and eval loss (dotted) of several runs on one chart."""
+    if not runs:
+        return empty("Loss overlay", "Select runs in the table to compare them")
+    fig = go.Figure()
+    for i, (label, events) in enumerate(runs):
+        color = COLORS[i % len(COLORS)]
+        xs, ys = _loss_points(events)
+        if xs:
+            fig.add_scatter(x=xs, y=ema(ys, smoothing), mode="lines", name=label, line={"color": color, "width": 2})
+        evals = [(e.get("step"), _num(e.get("eval_loss"))) for e in of_type(events, "eval")]
+        evals = [(s, v) for s, v in evals if v is not None]
+        if evals:
+            fig.add_scatter(x=[s for s, _ in evals], y=[v for _, v in evals], mode="lines+markers",
+                            name=f"{label} (eval)", line={"color": color, "dash": "dot"})
+    _layout(fig, "Loss overlay (train EMA solid, eval dotted)", "step", "loss", height=380)
+    if log_scale:
+        fig.update_yaxes(type="log")
+    return fig

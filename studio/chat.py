@@ -1,0 +1,108 @@
+"""Chat with the base model and finished runs side by side: one base model in memory, adapters switched per
+request (core.generate.AdapterBank), replies streamed one column after the other.
+
+For methods that can merge (LoRA and the in-place ones), ``merged=True`` folds the adapter into the weights for
+the request and unfolds it afterwards, so the latency of both forms can be compared.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.generate import AdapterBank, GenerationSettings, stream
+
+MAX_PROMPT_CHARS = 20_000
+
+
+@dataclass
+class Column:
+    key: str  # "base" or a run id
+    label: str
+    adapter: Path | None  # None for the base model
+
+
+@dataclass
+class Reply:
+    column: int
+    text: str
+    stats: str
+    done: bool
+
+
+class ChatService:
+    """Shared by all sessions; requests are served one at a time (a CPU has no room for two at once)."""
+
+    def __init__(self) -> None:
+        self._bank: AdapterBank | None = None
+        self._model_name: str | None = None
+        self._mtimes: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _ensure(self, model_name: str) -> AdapterBank:
+        if self._bank is None or self._model_name != model_name:
+            from core.models import load_model
+
+            self._bank = None
+            model, tokenizer = load_model(model_name, device="auto")
+            self._bank, self._model_name, self._mtimes = AdapterBank(model, tokenizer), model_name, {}
+        return self._bank
+
+    def _ensure_adapter(self, bank: AdapterBank, col: Column) -> None:
+        weights = col.adapter / "adapter_model.safetensors"  # type: ignore[operator]
+        mtime = weights.stat().st_mtime if weights.exists() else 0.0
+        if self._mtimes.get(col.key) != mtime or col.key not in bank.names:
+            bank.add(col.key, col.adapter)  # (re)load: a resumed run rewrites its adapter
+            self._mtimes[col.key] = mtime
+
+    def reply(
+        self, model_name: str, columns: list[Column], histories: list[list[dict]], settings: GenerationSettings,
+        merged: bool = False,
+    ) -> Iterator[Reply]:
+        """Stream each column's answer to its own history (a list of {role, content}, ending with the user)."""
+        with self._lock:
+            bank = self._ensure(model_name)
+            for i, (col, messages) in enumerate(zip(columns, histories)):
+                yield from self._one(bank, i, col, messages, settings, merged)
+
+    def _one(self, bank, i, col, messages, settings, merged) -> Iterator[Reply]:
+        try:
+            if col.adapter is not None:
+                self._ensure_adapter(bank, col)
+            method = bank.use(col.key if col.adapter is not None else None)
+        except (ValueError, OSError, RuntimeError) as e:
+            yield Reply(i, "", f"⚠ cannot load this adapter: {e}", True)
+            return
+        did_merge = False
+        if merged and method is not None and method.can_merge:
+            method.merge(bank.model)
+            did_merge = True
+        text, started, first, n = "", time.perf_counter(), None, 0
+        out = None
+        try:
+            out = stream(bank.model, bank.tokenizer, method, messages, settings)
+            for delta in out:
+                if first is None:
+                    first = time.perf_counter() - started
+                n += 1
+                text += delta
+                yield Reply(i, text, "", False)
+        except ValueError as e:
+            yield Reply(i, text, f"⚠ {e}", True)
+            return
+        finally:
+            if out is not None:
+                out.close()
+            if did_merge:
+                method.unmerge(bank.model)
+        total = time.perf_counter() - started
+        n = (out.new_tokens if out is not None and out.new_tokens else n)
+        parts = [f"first token {1000 * (first or total):.0f} ms", f"{n / max(total, 1e-6):.1f} tok/s"]
+        if method is not None and method.can_merge:
+            parts.append("merged" if did_merge else "unmerged")
+        if out is not None and out.notice:
+            parts.append(out.notice)
+        yield Reply(i, text, " · ".join(parts), True)

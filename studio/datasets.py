@@ -1,0 +1,69 @@
+"""Uploaded and bundled datasets: store an upload under a generated name, then validate and inspect it.
+
+Uploads are only ever parsed as JSON data (core.data), never executed. They are copied into DATA/uploads/
+under a random name, so the user's file name never becomes a path.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from core.config import DataConfig
+from core.data import DataError, length_stats, load_examples, preview
+
+from .paths import inside
+
+EXTENSIONS = (".json", ".jsonl")
+PREVIEWS = 12  # examples kept for the preview
+MAX_LENGTHS = 20_000  # token lengths kept for the histogram
+
+
+def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, max_bytes: int) -> Path:
+    """Copy an uploaded file into ``uploads_dir`` under a generated name, after the checks that need no parsing."""
+    name = os.path.basename(str(original_name or src))
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in EXTENSIONS:
+        raise DataError(f"{name}: only .json and .jsonl files can be uploaded.")
+    try:
+        size = os.path.getsize(src)
+    except OSError:
+        raise DataError(f"{name}: the upload could not be read; try again.") from None
+    if size > max_bytes:
+        raise DataError(f"{name} is {size / 2**20:.1f} MB, over the upload limit of {max_bytes / 2**20:.1f} MB.")
+    if size == 0:
+        raise DataError(f"{name} is empty (0 bytes).")
+    dest = inside(uploads_dir, secrets.token_hex(8) + ext)
+    shutil.copyfile(src, dest, follow_symlinks=False)
+    return dest
+
+
+def inspect(path: Path, display_name: str, tokenizer: Any, max_len: int, max_bytes: int) -> dict[str, Any]:
+    """Validate and tokenise every row. Returns a plain dict (it lives in the session's gr.State).
+
+    Raises DataError with a sentence for the user when the file cannot be used at all."""
+    cfg = DataConfig(path=str(path), max_bytes=max_bytes)
+    try:
+        examples, report = load_examples(cfg, tokenizer, max_len)
+    except DataError as e:
+        raise DataError(str(e).replace(path.name, display_name)) from None
+    except (ValueError, OSError, RecursionError, MemoryError) as e:  # anything else is still a bad file, not a crash
+        raise DataError(f"{display_name} could not be read as a dataset: {str(e)[:200]}") from None
+    lengths = [len(e.input_ids) for e in examples]
+    return {
+        "path": str(path),
+        "name": display_name,
+        "format": report.format,
+        "total_rows": report.total_rows,
+        "valid_rows": report.valid_rows,
+        "issues": [[i.row, i.reason] for i in report.issues],
+        "truncated_rows": list(report.truncated_rows[:1000]),
+        "n_truncated": len(report.truncated_rows),
+        "stats": length_stats(examples),
+        "lengths": lengths[:MAX_LENGTHS],
+        "max_len": max_len,
+        "previews": [preview(tokenizer, e) for e in examples[:PREVIEWS]],
+    }

@@ -1,0 +1,115 @@
+"""Small formatting helpers shared by the tabs: numbers, durations, sizes, run labels, safe HTML."""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+
+from .store import Run
+
+log = logging.getLogger("studio")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def count(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def size(n: int | None) -> str:
+    if not n:
+        return "—"
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def folder_size(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    except OSError:
+        return 0
+
+
+def loss(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def run_label(run: Run) -> str:
+    return f"{run.name} · {run.method} · {run.id[-6:]}"
+
+
+def knobs_text(run: Run) -> str:
+    """'lora r=8 alpha=16 targets=q_proj,v_proj' — the run's method and its knobs, for chat column labels."""
+    parts = []
+    for k, v in run.method_config().items():
+        if isinstance(v, list):
+            v = ",".join(map(str, v))
+        parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+    decay = (run.config.get("train") or {}).get("llrd_decay", 1.0)
+    if run.method == "full" and decay and decay < 1:
+        parts.append(f"llrd_decay={decay:g}")
+    return f"{run.method} " + " ".join(parts[:5])
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def user_error(fn: Callable) -> Callable:
+    """Turn any exception of a handler into a one-line gr.Error; the traceback goes to the server log only."""
+
+    def convert(e: Exception) -> gr.Error:
+        if isinstance(e, gr.Error):
+            return e
+        if isinstance(e, (ValueError, KeyError, OSError)):
+            return gr.Error(_one_line(e))
+        log.exception("handler %s failed", fn.__name__)
+        return gr.Error(f"Something went wrong ({type(e).__name__}): {_one_line(e)}")
+
+    if inspect.isgeneratorfunction(fn):  # gradio streams generator functions: keep it one
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise convert(e) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise convert(e) from None
+
+    return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[0] if text else type(e).__name__
+    if isinstance(e, KeyError):
+        msg = msg.strip("'\"")
+    return msg[:400]

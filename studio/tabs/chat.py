@@ -1,0 +1,145 @@
+"""Chat tab: the base model and up to four finished runs side by side. One message goes to every column; the
+answers stream in, each column labelled with its method and knobs. Prompts and replies are shown as text: the
+chatbots get HTML-escaped strings with markdown off, so nothing a user or a model writes is ever rendered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from core.generate import GenerationSettings
+
+from ..chat import MAX_PROMPT_CHARS, Column
+from ..format import esc, knobs_text, run_label, user_error
+from .common import finished_with_adapter
+
+SLOTS = 5  # base + 4 runs
+
+
+def shown(history: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": esc(m["content"])} for m in history]
+
+
+def create_chat_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
+    with gr.Tab("Chat", id="chat") as tab:
+        with gr.Row(equal_height=True):
+            runs = gr.Dropdown([], multiselect=True, max_choices=4, label="Finished runs to compare (up to 4)", allow_custom_value=True,
+                               scale=4, elem_id="ps-chat-runs")
+            include_base = gr.Checkbox(True, label="Base model column", scale=1)
+        with gr.Accordion("Generation settings", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
+                                        info="0 = greedy (always the most likely token).")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", info="Nucleus sampling mass.")
+                max_new = gr.Number(128, precision=0, minimum=1, maximum=4096, label="Max new tokens (tokens)")
+                merged = gr.Radio(["unmerged", "merged"], value="unmerged", label="LoRA weights",
+                                  info="Merged folds B·A into W for the request: compare the latency.")
+            system = gr.Textbox(label="System prompt", placeholder="Empty = the chat template's default", lines=2)
+        labels, bots, latencies, cols = [], [], [], []
+        with gr.Row(equal_height=False):
+            for i in range(SLOTS):
+                with gr.Column(visible=i == 0, min_width=240) as col:
+                    labels.append(gr.Markdown("**Base model**" if i == 0 else "", elem_classes="ps-col-label"))
+                    bots.append(gr.Chatbot([], render_markdown=False, height=380, show_label=False,
+                                           elem_id=f"ps-chat-{i}", elem_classes="ps-chatbot", feedback_options=None))
+                    latencies.append(gr.Markdown("", elem_classes="ps-latency", elem_id=f"ps-latency-{i}"))
+                cols.append(col)
+        with gr.Row():
+            msg = gr.Textbox(placeholder="Message every column… (Enter to send)", show_label=False, scale=6,
+                             elem_id="ps-chat-input", max_lines=6)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="ps-chat-send")
+            clear = gr.Button("Clear", scale=1)
+        notice = gr.Markdown(elem_id="ps-chat-notice")
+        histories = gr.State({})
+        pending = gr.State(None)
+
+    def columns(run_ids: list[str] | None, base: bool, model: str | None) -> tuple[str, list[Column]]:
+        chosen = [ctx.store.get(i) for i in (run_ids or [])][:4]
+        chosen = [r for r in chosen if r is not None]
+        models = {r.model for r in chosen}
+        if len(models) > 1:
+            raise ValueError(f"The selected runs use different base models ({', '.join(sorted(models))}); "
+                             "compare runs of one base model at a time.")
+        model = chosen[0].model if chosen else ((model or "").strip() or ctx.default_model)
+        out = [Column("base", f"**Base model** · {esc(model)}", None)] if base or not chosen else []
+        out += [Column(r.id, f"**{esc(r.name)}** · {esc(knobs_text(r))}", r.adapter_dir) for r in chosen]
+        return model, out
+
+    def layout(run_ids, base, model, hist):
+        _, cs = columns(run_ids, base, model)
+        ups = [gr.update(visible=i < len(cs)) for i in range(SLOTS)]
+        labs = [cs[i].label if i < len(cs) else "" for i in range(SLOTS)]
+        chats = [shown(hist.get(cs[i].key, [])) if i < len(cs) else [] for i in range(SLOTS)]
+        return *ups, *labs, *chats
+
+    def on_send(text, run_ids, base, model, hist):
+        """Add the user's message to every column's history (the .then step streams the answers)."""
+        text = text or ""
+        if not text.strip():
+            return gr.skip(), "Type a message first.", None, *[gr.skip()] * (2 * SLOTS), hist
+        note = ""
+        if len(text) > MAX_PROMPT_CHARS:
+            note = (f"Your message has {len(text):,} characters; only the first {MAX_PROMPT_CHARS:,} were sent "
+                    "(the model's context could not hold more).")
+            text = text[:MAX_PROMPT_CHARS]
+        model_name, cs = columns(run_ids, base, model)
+        hist = {k: list(v) for k, v in (hist or {}).items()}
+        for c in cs:
+            hist.setdefault(c.key, []).append({"role": "user", "content": text})
+        chats = [shown(hist[cs[i].key]) if i < len(cs) else gr.skip() for i in range(SLOTS)]
+        job = {"model": model_name, "columns": [[c.key, c.label, str(c.adapter) if c.adapter else None] for c in cs]}
+        return "", note, job, *chats, *[""] * SLOTS, hist
+
+    def on_reply(job, hist, temp, p, max_new_v, system_v, merged_v):
+        """Stream every column's answer, one column after the other."""
+        if not job:
+            yield *[gr.skip()] * (2 * SLOTS), hist
+            return
+        from pathlib import Path
+
+        settings = GenerationSettings(max_new_tokens=int(max_new_v or 128), temperature=float(temp),
+                                      top_p=float(p), system=system_v or "")
+        cs = [Column(k, lab, Path(a) if a else None) for k, lab, a in job["columns"]]
+        hist = {k: list(v) for k, v in hist.items()}
+        stats = [""] * SLOTS
+        for r in ctx.chat.reply(job["model"], cs, [hist[c.key] for c in cs], settings, merged=merged_v == "merged"):
+            key = cs[r.column].key
+            view = shown(hist[key]) + [{"role": "assistant", "content": esc(r.text)}]
+            out = [gr.skip()] * (2 * SLOTS)
+            out[r.column] = view
+            if r.done:
+                stats[r.column] = out[SLOTS + r.column] = esc(r.stats)
+                hist[key] = hist[key] + [{"role": "assistant", "content": r.text}]
+            yield *out, hist
+        # the final frame carries every column, so a client that only reads the last one sees the whole answer
+        yield *[shown(hist[cs[i].key]) if i < len(cs) else [] for i in range(SLOTS)], *stats, hist
+
+    def on_clear():
+        return {}, *[[] for _ in range(SLOTS)], *[""] * SLOTS
+
+    def refresh_runs(current):
+        runs_ = finished_with_adapter(ctx)
+        ids = {r.id for r in runs_}
+        return gr.update(choices=[(run_label(r), r.id) for r in runs_], value=[i for i in (current or []) if i in ids])
+
+    reply_inputs = [pending, histories, temperature, top_p, max_new, system, merged]
+    reply_outputs = [*bots, *latencies, histories]
+    send_inputs = [msg, runs, include_base, shared["model"], histories]
+    send_outputs = [msg, notice, pending, *bots, *latencies, histories]
+    for trigger, api in ((msg.submit, "chat_send"), (send.click, None)):
+        ev = trigger(user_error(on_send), send_inputs, send_outputs, api_name=api,
+                     api_visibility="public" if api else "private")
+        ev.then(user_error(on_reply), reply_inputs, reply_outputs, api_name="chat_reply" if api else None,
+                api_visibility="public" if api else "private")
+    for comp in (runs, include_base):
+        comp.change(user_error(layout), [runs, include_base, shared["model"], histories], [*cols, *labels, *bots],
+                    api_visibility="private")
+    clear.click(on_clear, None, [histories, *bots, *latencies], api_name="chat_clear")
+    tab.select(refresh_runs, runs, runs, api_visibility="private")
+    def chat_runs() -> list:
+        """[label, run id] of every finished run with an adapter."""
+        return [[run_label(r), r.id] for r in finished_with_adapter(ctx)]
+
+    shared["apis"].append((chat_runs, "chat_runs"))  # registered by ui.py, outside the Tabs
+    return {"runs": runs, "msg": msg, "send": send, "bots": bots, "latencies": latencies, "notice": notice}

@@ -1,0 +1,128 @@
+"""Data tab: upload a .json/.jsonl file or pick a bundled sample; see the detected format, the validation report,
+a chat-template preview with trained and masked tokens in two colours, the token-length histogram, and the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from core.data import DataError
+
+from .. import charts
+from ..datasets import inspect, store_upload
+from ..format import esc, log
+
+INTRO = (
+    "Upload a dataset (**.json** array or **.jsonl**, one object per line) or start from a bundled sample. "
+    "Supported formats are detected from the field names: instruction (`instruction`, `input`, `output`), "
+    "conversation (`messages` or ShareGPT `conversations`), QA (`question`, `answer`), classification "
+    "(`text`, `label`) and plain text (`text`). The `identity_sample.json` sample teaches the model a new name "
+    "you can check in the Chat tab."
+)
+
+
+def preview_html(dataset: dict | None, index: int | float | None) -> str:
+    """The example rendered through the chat template; trained tokens highlighted. Every piece is HTML-escaped."""
+    if not dataset or not dataset.get("previews"):
+        return "<div class='ps-preview ps-muted'>Load a dataset to see how its examples are rendered.</div>"
+    previews = dataset["previews"]
+    i = min(max(int(index or 1), 1), len(previews)) - 1
+    spans = "".join(
+        f"<span class='{'ps-trained' if trained else 'ps-masked'}'>{esc(text)}</span>" for text, trained in previews[i]
+    )
+    legend = ("<div class='ps-legend'><span class='ps-trained'>trained (the loss is computed here)</span> "
+              "<span class='ps-masked'>masked (prompt, template)</span> "
+              f"<span class='ps-muted'>example {i + 1} of the first {len(previews)}</span></div>")
+    return f"{legend}<pre class='ps-preview'>{spans}</pre>"
+
+
+def summary_md(d: dict) -> str:
+    s = d["stats"]
+    lines = [
+        f"✓ **{esc(d['name'])}** — detected format **{d['format']}**: {d['valid_rows']:,} of {d['total_rows']:,} rows "
+        f"valid, {d['total_rows'] - d['valid_rows']:,} skipped.",
+        f"Tokens per example: min {s['min']}, median {s['p50']}, p90 {s['p90']}, max {s['max']} · "
+        f"{s['supervised_tokens']:,} trained tokens in total.",
+    ]
+    if d["n_truncated"]:
+        lines.append(f"⚠ {d['n_truncated']} rows are longer than max_len = {d['max_len']} tokens and will be truncated.")
+    return "  \n".join(lines)
+
+
+def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
+    samples = list(ctx.samples())
+    with gr.Tab("Data", id="data"):
+        gr.Markdown(INTRO, elem_classes="ps-intro")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                upload = gr.File(label="Upload .json / .jsonl", file_types=[".json", ".jsonl"], type="filepath",
+                                 height=140, elem_id="ps-upload")
+                with gr.Row():
+                    sample = gr.Dropdown(samples, value="identity_sample.json" if "identity_sample.json" in samples
+                                         else (samples[0] if samples else None), label="…or a bundled sample", scale=3)
+                    use_sample = gr.Button("Use sample", variant="secondary", scale=1, elem_id="ps-use-sample")
+                max_len = gr.Number(512, precision=0, minimum=8, maximum=131072, label="Max length (tokens)",
+                                    info="Examples longer than this are truncated (training uses the same value).")
+                with gr.Row():
+                    val_fraction = gr.Number(0.1, minimum=0, maximum=0.5, step=0.05, label="Validation fraction",
+                                             info="Share of examples held out for the eval loss (0–0.5).")
+                    val_count = gr.Number(0, precision=0, minimum=0, label="…or exactly (examples)",
+                                          info="Hold out this many instead (0 = use the fraction).")
+            with gr.Column(scale=3, min_width=360):
+                status = gr.Markdown("No dataset loaded yet.", elem_id="ps-data-status")
+                issues = gr.Dataframe(headers=["row", "reason"], datatype=["number", "str"], value=[],
+                                      label="Rows that will be skipped (row number and reason)", interactive=False,
+                                      max_height=220, wrap=True)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                index = gr.Number(1, precision=0, minimum=1, label="Preview example #", elem_id="ps-preview-index")
+                preview = gr.HTML(preview_html(None, 1), elem_id="ps-preview")
+            with gr.Column(scale=2):
+                hist = gr.Plot(charts.empty("Token lengths", "Load a dataset"), label="Token lengths", elem_id="ps-hist")
+
+    dataset = shared["dataset"]
+    outputs = [dataset, status, issues, preview, hist, index]
+
+    def load(path: Path, name: str, model: str, max_len_v, current: dict | None):
+        keep = (f"  \nThe previously loaded dataset **{esc(current['name'])}** is still selected."
+                if current else "")
+        try:
+            ml = int(max_len_v or 512)
+            if ml < 8:
+                raise DataError("Max length must be at least 8 tokens.")
+            tok = ctx.tokenizers.get(model or ctx.default_model)
+            d = inspect(path, name, tok, ml, ctx.max_upload_bytes)
+        except DataError as e:
+            return current, f"✗ {esc(e)}{keep}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        except Exception as e:  # noqa: BLE001 - never a traceback in the UI
+            log.exception("dataset %s could not be loaded", name)
+            return current, f"✗ {esc(name)} could not be loaded: {esc(str(e)[:200])}{keep}", *[gr.skip()] * 4
+        hist_fig = charts.length_histogram(d["lengths"], ml)
+        return d, summary_md(d), d["issues"][:500], preview_html(d, 1), hist_fig, 1
+
+    def on_upload(file_path, model, max_len_v, current):
+        """Validate an uploaded file; a bad file leaves the current dataset and every run untouched."""
+        if not file_path:
+            return current, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        name = Path(str(file_path)).name
+        try:
+            stored = store_upload(ctx.uploads_dir, file_path, name, ctx.max_upload_bytes)
+        except DataError as e:
+            keep = f"  \nThe previously loaded dataset **{esc(current['name'])}** is still selected." if current else ""
+            return current, f"✗ {esc(e)}{keep}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return load(stored, name, model, max_len_v, current)
+
+    def on_sample(name, model, max_len_v, current):
+        path = ctx.samples().get(name or "")
+        if path is None:
+            return current, f"✗ Unknown sample {esc(name)!s}; choose one from the list.", *[gr.skip()] * 4
+        return load(path, name, model, max_len_v, current)
+
+    upload.upload(on_upload, [upload, shared["model"], max_len, dataset], outputs, api_name="upload_dataset")
+    use_sample.click(on_sample, [sample, shared["model"], max_len, dataset], outputs, api_name="use_sample")
+    index.change(preview_html, [dataset, index], preview, api_visibility="private", show_progress="hidden")
+    return {"upload": upload, "sample": sample, "use_sample": use_sample, "max_len": max_len,
+            "val_fraction": val_fraction, "val_count": val_count, "status": status, "issues": issues,
+            "preview": preview, "hist": hist, "index": index}

@@ -1,0 +1,104 @@
+"""Runs tab: the history table, a loss overlay of selected runs, and resume / rename / delete (with confirmation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from .. import charts
+from ..format import count, duration, esc, folder_size, loss, size, user_error
+from .common import run_choices, safe_get
+
+HEADERS = ["name", "model", "method", "trainable params", "status", "duration", "train loss", "eval loss",
+           "adapter size", "id"]
+
+
+def table(ctx) -> list[list[Any]]:
+    rows = []
+    for r in ctx.store.list():
+        rows.append([r.name, r.model, r.method, count(r.trainable), r.status, duration(r.duration_s),
+                     loss(r.final_loss), loss(r.final_eval_loss), size(folder_size(r.adapter_dir)), r.id])
+    return rows
+
+
+def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
+    with gr.Tab("Runs", id="runs") as tab:
+        with gr.Row():
+            gr.Markdown("Every run of this studio, newest first. Select runs to overlay their loss curves.")
+            refresh = gr.Button("Refresh", scale=0, min_width=110)
+        runs_table = gr.Dataframe(headers=HEADERS, value=table(ctx), interactive=False, wrap=True, max_height=320,
+                                  elem_id="ps-runs-table")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                compare = gr.Dropdown(run_choices(ctx), multiselect=True, max_choices=8, label="Compare runs", allow_custom_value=True,
+                                      elem_id="ps-compare")
+                compare_log = gr.Checkbox(False, label="Log-scale")
+                overlay = gr.Plot(charts.overlay_figure([]), show_label=False, elem_id="ps-overlay")
+            with gr.Column(scale=2):
+                target = gr.Dropdown(run_choices(ctx), label="Run", elem_id="ps-run-target", allow_custom_value=True)
+                with gr.Row():
+                    new_name = gr.Textbox(label="New name", max_length=80, scale=3)
+                    rename = gr.Button("Rename", scale=1)
+                with gr.Row():
+                    resume = gr.Button("Resume", variant="primary")
+                    delete = gr.Button("Delete…", variant="stop")
+                with gr.Row(visible=False) as confirm_row:
+                    confirm_md = gr.Markdown()
+                    confirm = gr.Button("Yes, delete it", variant="stop", elem_id="ps-confirm-delete")
+                    cancel = gr.Button("Cancel")
+                message = gr.Markdown(elem_id="ps-runs-message")
+
+    def refreshed(sel_compare=None, sel_target=None):
+        choices = run_choices(ctx)
+        ids = {v for _, v in choices}
+        return (table(ctx), gr.update(choices=choices, value=[v for v in (sel_compare or []) if v in ids]),
+                gr.update(choices=choices, value=sel_target if sel_target in ids else None))
+
+    def on_overlay(ids, log_y):
+        runs = [safe_get(ctx, i) for i in (ids or [])]
+        return charts.overlay_figure([(r.name, ctx.metrics.events(r.dir)) for r in runs if r], log_scale=bool(log_y))
+
+    def on_rename(run_id, name, sel):
+        if not run_id:
+            return "Choose a run first.", *refreshed(sel, run_id)
+        new = ctx.store.rename(run_id, name)
+        return f"Renamed to **{esc(new)}**.", *refreshed(sel, run_id)
+
+    def on_resume(run_id, sel):
+        if not run_id:
+            return "Choose a run first.", *refreshed(sel, run_id)
+        ctx.jobs.resume(run_id)
+        pos = ctx.jobs.position(run_id)
+        return (f"Resuming **{esc(ctx.store.require(run_id).name)}** from its last checkpoint"
+                + (f" (queue position {pos})." if pos and ctx.jobs.running() else ".")), *refreshed(sel, run_id)
+
+    def on_delete(run_id):
+        if not run_id:
+            return gr.update(visible=False), "", "Choose a run first."
+        run = ctx.store.require(run_id)
+        if run.active:
+            return gr.update(visible=False), "", f"**{esc(run.name)}** is {run.status}; stop it before deleting it."
+        return gr.update(visible=True), f"Delete **{esc(run.name)}** and its folder for good?", ""
+
+    def on_confirm(run_id, sel):
+        run = ctx.store.require(run_id)
+        ctx.store.delete(run_id)
+        ctx.metrics.forget(run.dir)
+        return gr.update(visible=False), f"Deleted **{esc(run.name)}**.", *refreshed(sel, None)
+
+    lists = [runs_table, compare, target]
+    refresh.click(refreshed, [compare, target], lists, api_name="runs_table")
+    tab.select(refreshed, [compare, target], lists, api_visibility="private")
+    compare.change(on_overlay, [compare, compare_log], overlay, api_name="overlay")
+    compare_log.change(on_overlay, [compare, compare_log], overlay, api_visibility="private")
+    target.change(lambda i: getattr(safe_get(ctx, i), "name", ""), target, new_name,
+                  api_visibility="private")
+    rename.click(user_error(on_rename), [target, new_name, compare], [message, *lists], api_name="rename_run")
+    resume.click(user_error(on_resume), [target, compare], [message, *lists], api_name="resume_run")
+    delete.click(user_error(on_delete), target, [confirm_row, confirm_md, message], api_name="delete_run")
+    confirm.click(user_error(on_confirm), [target, compare], [confirm_row, message, *lists], api_name="confirm_delete")
+    cancel.click(lambda: (gr.update(visible=False), "Nothing was deleted."), None, [confirm_row, message],
+                 api_visibility="private")
+    return {"table": runs_table, "compare": compare, "overlay": overlay, "target": target, "message": message,
+            "confirm": confirm}

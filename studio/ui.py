@@ -1,0 +1,89 @@
+"""build_app(ctx) -> gr.Blocks: a header (logo, base model) and six tabs, each built by its own function in
+studio/tabs/ (LLaMA-Factory style: ``create_x_tab(ctx, shared) -> dict[str, Component]``, events wired at the
+bottom of each builder).
+
+``shared`` holds the few components more than one tab uses: the base-model box, the session's dataset
+(gr.State, per browser session), the id of the run this session started last (gr.State, which the Monitor
+follows), and the Tabs container. Nothing lives in module globals: server-side services are on ``ctx``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from starlette.middleware import Middleware
+
+from .context import StudioContext
+from .security import HideApiInfoWhenLoggedOut
+from .tabs.chat import create_chat_tab
+from .tabs.common import default_run, run_choices
+from .tabs.data import create_data_tab
+from .tabs.export import create_export_tab
+from .tabs.monitor import create_monitor_tab
+from .tabs.runs import create_runs_tab
+from .tabs.train import create_train_tab
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+CSS_PATH = ASSETS / "studio.css"
+LOGO_PATH = ASSETS / "logo.svg"
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate",
+                          font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def _header() -> str:
+    logo = LOGO_PATH.read_text(encoding="utf-8") if LOGO_PATH.exists() else ""
+    return (f"<div class='ps-header'><div class='ps-logo'>{logo}</div><div><div class='ps-title'>PEFT Studio</div>"
+            "<div class='ps-subtitle'>Upload data → pick a method → watch it train → chat with the result</div>"
+            "</div></div>")
+
+
+def build_app(ctx: StudioContext) -> gr.Blocks:
+    with gr.Blocks(title="PEFT Studio") as demo:
+        with gr.Row(equal_height=True, elem_classes="ps-top"):
+            gr.HTML(_header())
+            model = gr.Textbox(ctx.default_model, label="Base model",
+                               info="'default' = the bundled SmolLM2-135M-Instruct, or a Hugging Face id / local folder",
+                               elem_id="ps-model", scale=0, min_width=360)
+        shared: dict[str, Any] = {
+            "model": model,
+            "dataset": gr.State(None),
+            "monitor_run": gr.State(None),  # the run this session started last; the Monitor follows it
+            "apis": [],  # (fn, api_name) of API-only endpoints, registered after the tabs
+        }
+        with gr.Tabs(selected="data") as tabs:
+            shared["tabs"] = tabs
+            shared["data_tab"] = create_data_tab(ctx, shared)
+            shared["train_tab"] = create_train_tab(ctx, shared)
+            shared["monitor_tab"] = create_monitor_tab(ctx, shared)
+            shared["runs_tab"] = create_runs_tab(ctx, shared)
+            shared["chat_tab"] = create_chat_tab(ctx, shared)
+            shared["export_tab"] = create_export_tab(ctx, shared)
+
+        for fn, name in shared["apis"]:
+            gr.api(fn, api_name=name)
+        # A (re)loaded page re-attaches to the running job: the Monitor shows it at once.
+        demo.load(lambda: gr.update(choices=run_choices(ctx), value=default_run(ctx)), None,
+                  shared["monitor_tab"]["run"], api_visibility="private")
+    demo.studio_shared = shared  # type: ignore[attr-defined]  # for tests that inspect the layout
+    return demo
+
+
+def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests)."""
+    return {
+        "theme": theme(),
+        "css_paths": [CSS_PATH] if CSS_PATH.exists() else None,
+        "auth": auth,
+        "auth_message": "PEFT Studio: sign in with the user name and password given to --auth." if auth else None,
+        "max_file_size": ctx.max_upload_bytes * 2,
+        "allowed_paths": [str(ctx.exports_dir)],
+        "show_error": False,
+        "favicon_path": str(LOGO_PATH) if LOGO_PATH.exists() else None,
+        "app_kwargs": {"middleware": [Middleware(HideApiInfoWhenLoggedOut)]} if auth else None,
+    }

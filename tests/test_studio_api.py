@@ -1,0 +1,394 @@
+"""The studio's handlers, driven through gradio_client against a running app on a tiny model with the real worker.
+
+A tiny Llama (vocab 49152, so the cached SmolLM2 tokenizer fits) is saved to a temporary folder and used as the
+base model; the bundled identity sample is the dataset. Every tab's endpoints are exercised: upload (good and
+bad files), check, start, monitor, runs, chat side by side, export. Plus auth on every route, and app.py's
+refusal to expose the studio without auth.
+"""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from studio import charts
+from studio.context import StudioContext
+from studio.ui import build_app, launch_options
+
+ROOT = Path(__file__).resolve().parent.parent
+UPLOAD_LIMIT = 256 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from core.models import load_tokenizer
+    from tiny import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab=49152, layers=2)
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def start_app(data_dir, model, auth=None):
+    ctx = StudioContext.create(data_dir, default_model=model, max_upload_bytes=UPLOAD_LIMIT)
+    demo = build_app(ctx)
+    port = free_port()
+    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(ctx, auth))
+    return ctx, demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    ctx, demo, url = start_app(tmp_path_factory.mktemp("studio-data"), tiny_model_dir)
+    yield ctx, url
+    demo.close()
+    for run in ctx.store.list(status=("running", "queued")):
+        ctx.jobs.stop(run.id)
+    ctx.close()
+
+
+@pytest.fixture
+def client(app):
+    return Client(app[1], verbose=False)
+
+
+def call(client: Client, api: str, overrides: dict | None = None, **kw):
+    """Call an endpoint filling every parameter with its UI default, overriding some by component label."""
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api]
+    args = []
+    for p in info["parameters"]:
+        label = p.get("label") or ""
+        if overrides and label in overrides:
+            args.append(overrides[label])
+        elif p["parameter_name"] in kw:
+            args.append(kw[p["parameter_name"]])
+        else:
+            args.append(p.get("parameter_default"))
+    return client.predict(*args, api_name=api)
+
+
+TRAIN = {"Max steps (optimiser steps)": 6, "Batch size (examples)": 4, "Eval every (steps)": 3, "Lr (per step)": 2e-3,
+         "Max length (tokens)": 128}
+
+
+def load_sample(client, model):
+    return client.predict("identity_sample.json", model, 128, api_name="/use_sample")
+
+
+def text_of(message: dict) -> str:
+    """A chatbot message's text (gradio 6 sends content as a list of typed parts)."""
+    c = message["content"]
+    return c if isinstance(c, str) else "".join(part.get("text", "") for part in c if part.get("type") == "text")
+
+
+def start(client, app, name, overrides=None):
+    """Start a run through the Train tab's handler; returns (status message, run id)."""
+    status, *_ = call(client, "/start_run", {**TRAIN, **(overrides or {})}, run_name=name)
+    assert status.startswith("✓"), status
+    return status, next(r.id for r in app[0].store.list() if r.name == name)
+
+
+def wait_status(client, run_id, done=("completed", "stopped", "failed", "interrupted"), timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        st = client.predict(run_id, api_name="/run_status")
+        if st["status"] in done:
+            return st
+        time.sleep(1)
+    raise AssertionError(f"run {run_id} did not finish: {st}")
+
+
+# ---- pure chart functions ----------------------------------------------------------------------------------
+
+
+def test_charts_from_events():
+    events = [{"type": "start", "num_layers": 2}] + [
+        {"type": "step", "step": i, "loss": 3.0 / i, "lr": {"block 0": 1e-4 * 0.9, "block 1": 1e-4},
+         "lr_by_depth": {"0": 0.9e-4, "1": 1e-4, "-1": 0.81e-4}, "grad_norm": {"block 1": 0.5, "block 0": 0.2, "total": 1}}
+        for i in range(1, 6)
+    ] + [{"type": "eval", "step": 5, "eval_loss": 0.8}]
+    loss = charts.loss_figure(events, log_scale=True)
+    assert [t.name for t in loss.data] == ["train (raw)", "train (EMA 0.9)", "eval"]
+    assert loss.layout.yaxis.type == "log"
+    assert charts.ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no warm-up dip
+    heat = charts.grad_heatmap(events)
+    assert list(heat.data[0].y) == ["block 0", "block 1"]  # bottom first, "total" left out
+    depth = charts.lr_depth_figure(events)
+    assert list(depth.data[0].x) == ["embed", "block 0", "block 1"]
+    single = [dict(e, lr={"all": 1e-3}, lr_by_depth={"prompt": 1e-3}) if e["type"] == "step" else e for e in events]
+    assert "one rate" in charts.lr_groups_figure(single).layout.title.text
+    assert "No training steps" in charts.loss_figure([]).layout.annotations[0].text
+    assert len(charts.overlay_figure([("a", events), ("b", events)]).data) == 4
+
+
+# ---- app.py exposure rules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, needle", [(["--host", "0.0.0.0"], "refusing to listen on 0.0.0.0"),
+                                          (["--share"], "refusing --share"),
+                                          (["--auth", "nopassword"], "user:password")])
+def test_app_refuses_exposure_without_auth(argv, needle, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "app.py", "--data-dir", str(tmp_path), *argv], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and needle in p.stderr
+
+
+def test_exposure_rules_unit():
+    from app import check_exposure
+
+    assert check_exposure("127.0.0.1", False, None) is None
+    assert check_exposure("::1", False, None) is None
+    assert check_exposure("0.0.0.0", False, ("u", "p")) is None
+    assert "auth" in check_exposure("192.168.1.5", False, None)
+    assert "--share" in check_exposure("127.0.0.1", True, None)
+
+
+# ---- Data tab ----------------------------------------------------------------------------------------------
+
+
+def test_sample_loads_with_format_report_preview_histogram(client, tiny_model_dir):
+    status, issues, preview, hist, index = load_sample(client, tiny_model_dir)
+    assert "instruction" in status and re.search(r"(\d+) of \1 rows valid, 0 skipped", status)
+    assert issues["data"] == []
+    assert "ps-trained" in preview and "ps-masked" in preview and "Quill" in preview
+    assert hist["type"] == "plotly" and index == 1
+
+
+BAD_UPLOADS = {
+    "malformed.json": (b'[{"instruction": "a", "output": "b"}, {"instruction": ', "not valid JSON"),
+    "wrong_fields.json": (json.dumps([{"foo": 1, "bar": 2}] * 5).encode(), "format"),
+    "empty.jsonl": (b"", "empty"),
+    "binary.json": (bytes(range(256)) * 8, "binary"),
+    "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), "UTF-8"),
+    "oversized.jsonl": (b'{"text": "' + b"x" * (UPLOAD_LIMIT + 10) + b'"}\n', "limit"),
+    "not_a_list.json": (b'{"instruction": "a", "output": "b"}', ""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_UPLOADS))
+def test_bad_uploads_leave_form_and_runs_untouched(client, app, tiny_model_dir, tmp_path, name):
+    content, needle = BAD_UPLOADS[name]
+    load_sample(client, tiny_model_dir)
+    runs_before = [r.id for r in app[0].store.list()]
+    path = tmp_path / name
+    path.write_bytes(content)
+    status, *_ = client.predict(handle_file(str(path)), tiny_model_dir, 128, api_name="/upload_dataset")
+    assert status.startswith("✗") and needle.lower() in status.lower(), status
+    assert "identity_sample.json" in status and "still selected" in status
+    assert "Traceback" not in status
+    assert [r.id for r in app[0].store.list()] == runs_before
+    # the session's dataset is still the sample: the config check sees its real token lengths
+    assert "Trainable parameters" in call(client, "/check_config", TRAIN)
+
+
+def test_wrong_extension_is_refused(client, tiny_model_dir, tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text('[{"text": "hello"}]')
+    try:
+        status, *_ = client.predict(handle_file(str(path)), tiny_model_dir, 128, api_name="/upload_dataset")
+    except Exception as e:  # gradio itself refuses file types the component does not accept
+        assert "type" in str(e).lower() or "json" in str(e).lower()
+    else:
+        assert status.startswith("✗") and ".json" in status
+
+
+# ---- Train tab: validation before any work starts ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"R (rank)": 0}, "r = 0"),
+    ({"R (rank)": 100000}, "LoraConfig.r"),
+    ({"Targets": ["no_such_proj"]}, "available: q_proj"),
+    ({"Lr (per step)": 0}, "lr"),
+    ({"Batch size (examples)": 0}, "batch_size"),
+])
+def test_bad_hyperparameters_are_rejected_naming_the_field(client, app, tiny_model_dir, overrides, needle):
+    load_sample(client, tiny_model_dir)
+    before = len(app[0].store.list())
+    status, *_ = call(client, "/start_run", {**TRAIN, **overrides}, run_name="bad")
+    assert status.startswith("✗") and needle in status, status
+    assert len(app[0].store.list()) == before
+
+
+def test_bad_method_knobs_other_methods(client, tiny_model_dir):
+    load_sample(client, tiny_model_dir)
+    out = call(client, "/check_config", {**TRAIN, "Method": "prompt_tuning", "Num virtual tokens (tokens)": 0})
+    assert out.startswith("✗") and "num_virtual_tokens" in out
+    out = call(client, "/check_config", {**TRAIN, "Method": "llrd", "Llrd decay (factor per block)": 1.5})
+    assert out.startswith("✗") and "llrd_decay" in out
+    out = call(client, "/check_config", {**TRAIN, "Method": "prefix_tuning", "Num virtual tokens (tokens)": 1000})
+    assert out.startswith("✗") and "context" in out
+
+
+def test_start_needs_a_dataset(app, tiny_model_dir):
+    fresh = Client(app[1], verbose=False)  # a new session has no dataset
+    status, *_ = call(fresh, "/start_run", TRAIN, run_name="nodata")
+    assert "Data" in status and status.startswith("✗")
+
+
+def test_advisor_recommends_and_applies(client):
+    text = client.predict(50, "cpu", "smallest", api_name="/advise")
+    assert "prompt tuning" in text.lower() and "Seed table" in text
+
+
+# ---- the whole flow: train -> monitor -> runs -> chat -> export ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(app, tiny_model_dir):
+    client = Client(app[1], verbose=False)
+    load_sample(client, tiny_model_dir)
+    _, run_id = start(client, app, "quill lora")
+    st = wait_status(client, run_id)
+    assert st["status"] == "completed", st
+    return run_id
+
+
+def test_run_completes_and_monitor_draws_charts(client, trained_run):
+    st = client.predict(trained_run, api_name="/run_status")
+    assert st["step"] == 6 and st["total_steps"] == 6 and st["eval_loss"] is not None and st["events"] == 6
+    progress, stats, loss, heat, lr, depth, log = client.predict(trained_run, False, api_name="/monitor")
+    assert "completed" in progress and "step <b>6</b> / 6" in progress
+    assert "eval loss" in stats
+    fig = json.loads(loss["plot"])
+    assert [t["name"] for t in fig["data"]][:2] == ["train (raw)", "train (EMA 0.9)"]
+    assert len(fig["data"][0]["x"]) == 6
+    assert "heatmap" in heat["plot"] and "block 1" in heat["plot"]
+    assert "end: completed" in log
+
+
+def test_runs_table_and_overlay(client, trained_run):
+    table, compare, target = client.predict([], None, api_name="/runs_table")
+    row = next(r for r in table["data"] if r[-1] == trained_run)
+    assert row[0] == "quill lora" and row[2] == "lora" and row[4] == "completed" and row[8] != "—"
+    fig = client.predict([trained_run], False, api_name="/overlay")
+    assert "quill lora" in fig["plot"]
+
+
+def test_chat_side_by_side_base_and_adapter(client, trained_run, tiny_model_dir):
+    assert any(r[1] == trained_run for r in client.predict(api_name="/chat_runs"))
+    sent = client.predict("<b>Who are you?</b>", [trained_run], True, tiny_model_dir, api_name="/chat_send")
+    msg, note, *bots = sent[:7]
+    assert msg == "" and text_of(bots[0][0]) == "&lt;b&gt;Who are you?&lt;/b&gt;"  # shown as text, never HTML
+    job = client.submit(0.0, 0.9, 12, "", "unmerged", api_name="/chat_reply")
+    out = job.result(timeout=180)
+    bots, latencies = out[:5], out[5:]
+    assert bots[0][-1]["role"] == "assistant" and bots[1][-1]["role"] == "assistant"
+    assert "first token" in latencies[0] and "unmerged" in latencies[1]
+    # multi-turn: the second message keeps the history; merged LoRA reports its latency too
+    client.predict("And again?", [trained_run], True, tiny_model_dir, api_name="/chat_send")
+    out = client.submit(0.0, 0.9, 8, "Be brief.", "merged", api_name="/chat_reply").result(timeout=180)
+    assert len(out[1]) == 4 and "merged" in out[6]
+
+
+def test_empty_and_huge_chat_prompts(client, trained_run, tiny_model_dir):
+    client.predict(api_name="/chat_clear")
+    msg, note, *_ = client.predict("   ", [], True, tiny_model_dir, api_name="/chat_send")
+    assert "Type a message" in note
+    msg, note, *bots = client.predict("x" * 100_000, [], True, tiny_model_dir, api_name="/chat_send")[:7]
+    assert "100,000" in note and len(text_of(bots[0][-1])) == 20_000
+    out = client.submit(0.0, 0.9, 4, "", "unmerged", api_name="/chat_reply").result(timeout=180)
+    assert out[0][-1]["role"] == "assistant"
+
+
+def test_export_adapter_zip_and_merged_model(client, trained_run):
+    files, message, snippet = client.predict(trained_run, api_name="/export_adapter")
+    with zipfile.ZipFile(files[0]) as z:
+        names = z.namelist()
+    assert any(n.endswith("adapter_config.json") for n in names)
+    assert any(n.endswith("adapter_model.safetensors") for n in names)
+    assert "PeftModel.from_pretrained" in snippet
+    files, message, snippet = client.predict(trained_run, api_name="/export_merged")
+    assert files and files[0].endswith(".zip") and "AutoModelForCausalLM" in snippet
+    folder = message.split("`")[1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(folder)  # a plain HF folder: no PEFT code needed
+
+
+def test_rename_and_delete_with_confirmation(client, app, trained_run, tiny_model_dir):
+    load_sample(client, tiny_model_dir)
+    _, run_id = start(client, app, "to delete", {"Max steps (optimiser steps)": 2})
+    wait_status(client, run_id)
+    with pytest.raises(Exception, match="not allowed"):
+        client.predict(run_id, "../escape", [], api_name="/rename_run")
+    message, *_ = client.predict(run_id, "renamed run", [], api_name="/rename_run")
+    assert "renamed run" in message and app[0].store.get(run_id).name == "renamed run"
+    folder = app[0].store.get(run_id).dir
+    confirm_row, message = client.predict(run_id, api_name="/delete_run")
+    assert app[0].store.get(run_id) is not None  # nothing deleted before the confirmation
+    message, *_ = client.predict(run_id, [], api_name="/confirm_delete")
+    assert "Deleted" in message and app[0].store.get(run_id) is None and not folder.exists()
+    assert app[0].store.get(trained_run) is not None
+
+
+def test_queue_positions_stop_and_killed_worker(client, app, tiny_model_dir):
+    import os
+    import signal
+
+    load_sample(client, tiny_model_dir)
+    slow = {"Max steps (optimiser steps)": 5000}
+    _, a = start(client, app, "long A", slow)
+    status, b = start(client, app, "long B", slow)
+    assert "position 1" in status
+    wait_status(client, a, done=("running",))
+    st = client.predict(b, api_name="/run_status")
+    assert st["status"] == "queued" and st["position"] == 1
+    # the first worker dies hard: the run is marked with the reason, the queue moves on, the server lives
+    end = time.time() + 120
+    while not client.predict(a, api_name="/run_status")["step"] and time.time() < end:
+        time.sleep(0.5)
+    os.kill(app[0].store.get(a).pid, signal.SIGKILL)
+    st = wait_status(client, a)
+    assert st["status"] == "interrupted" and "SIGKILL" in st["reason"]
+    progress, *_ = client.predict(a, False, api_name="/monitor")
+    assert "interrupted" in progress and "SIGKILL" in progress
+    wait_status(client, b, done=("running",))
+    assert "Stopping" in client.predict(b, api_name="/stop_run")
+    assert wait_status(client, b)["status"] == "stopped"
+
+
+# ---- auth --------------------------------------------------------------------------------------------------
+
+
+def test_auth_required_on_every_route(tmp_path, tiny_model_dir):
+    ctx, demo, url = start_app(tmp_path / "data", tiny_model_dir, auth=("ada", "s3cret-pass"))
+    secret = ctx.exports_dir / "secret.zip"
+    secret.write_bytes(b"top secret bytes")
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)  # the API used by gradio_client
+        for route in ("config", "gradio_api/info", "gradio_api/queue/status", f"gradio_api/file={secret}"):
+            r = httpx.get(url + route, timeout=10)
+            assert r.status_code == 401 and "top secret" not in r.text, (route, r.status_code)
+        for route in ("gradio_api/upload", "gradio_api/queue/join", "gradio_api/run/run_status",
+                      "gradio_api/call/run_status"):
+            r = httpx.post(url + route, json={"data": ["x"], "fn_index": 0, "session_hash": "x"}, timeout=10)
+            assert r.status_code == 401, (route, r.status_code)
+        page = httpx.get(url, timeout=10).text  # only the login page shell: no layout, no data
+        assert "identity_sample" not in page and "ps-upload" not in page
+        authed = Client(url, auth=("ada", "s3cret-pass"), verbose=False)
+        assert authed.predict(api_name="/chat_runs") == []
+        with pytest.raises(Exception):
+            Client(url, auth=("ada", "wrong"), verbose=False)
+    finally:
+        demo.close()
+        ctx.close()
