@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)
 
 soak: $(STAMP)
-	$(BIN)/python -m pytest tests/soak_test.py -m soak $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/soak.py -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) studio_data runs bench/results.json

@@ -63,7 +63,13 @@ def encode_file(path: Path, tokenizer) -> list[Example]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process, in MiB.
+
+    VmHWM belongs to this process alone; ru_maxrss would also count the parent it was forked from."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -8,44 +8,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from core.blocks import model_shape
-from core.checkpoint import load_adapter, save_adapter
+from core.checkpoint import load_adapter
 from core.config import BitFitConfig
-from core.forward import logits, supervised_loss
+from core.forward import logits
 from core.methods import build_method
 from core.methods.bitfit import BitFitMethod
-from tiny import TINY_MODELS, VOCAB, batch
+from tiny import (
+    TINY_MODELS, VOCAB, assert_greedy_runs, batch, one_step, overfit, overfit_data, saved_logits, sharpened,
+)
 
 MODELS = sorted(TINY_MODELS)
-
-
-def overfit_data(n: int = 8, t: int = 12, seed: int = 3, vocab: int = VOCAB):
-    """n random sequences of t tokens drawn from ids 1 .. vocab-1; every token is supervised."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (n, t), generator=g)
-    return ids, torch.ones_like(ids), ids.clone()
-
-
-def train(model, method, steps: int, lr: float = 1e-2, vocab: int = VOCAB) -> list[float]:
-    ids, mask, labels = overfit_data(vocab=vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)  # frozen params are in it too: they must get no grad
-    losses = []
-    for _ in range(steps):
-        loss_sum, n = supervised_loss(model, method, ids, mask, labels)
-        loss = loss_sum / n
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def greedy(model, method, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            nxt = logits(model, method, ids)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    return ids
 
 
 def randomise(method: BitFitMethod, model, seed: int = 5) -> None:
@@ -74,20 +46,6 @@ def closed_form_count(kind: str, model, train_norm_bias: bool) -> int:
     return L * (q + 2 * s.kv_dim + d + 2 * ff + d)  # q k v o gate up down (RMSNorm has no bias)
 
 
-def sharpened(kind: str) -> torch.nn.Module:
-    """A tiny model whose frozen LM head can express a peaked distribution.
-
-    The tiny models are initialised with std 0.02, so with a frozen final norm and head every logit stays below
-    ~0.7 and no method that leaves them frozen can win more than a few tenths of a nat. Scaling the token
-    embeddings (and an untied head) by 10 lifts that cap, so overfitting can show."""
-    model = TINY_MODELS[kind]()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-            model.get_output_embeddings().weight.mul_(10)
-    return model
-
-
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -110,10 +68,7 @@ def test_named_targets_add_only_missing_biases():
 @pytest.mark.parametrize("kind", MODELS)
 def test_frozen_base_is_bit_identical_after_a_step(kind):
     model, method = applied(kind)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trained = {n: p.detach().clone() for n, p in method.trainable_parameters(model).items()}
-    train(model, method, steps=1)
-    now = dict(model.named_parameters())
+    frozen, trained, now = one_step(model, method)
     assert all(torch.equal(now[n], v) and now[n].grad is None for n, v in frozen.items())
     assert all(not torch.equal(now[n], v) for n, v in trained.items())
 
@@ -124,14 +79,11 @@ def test_loss_falls_when_overfitting_and_greedy_generation_runs(kind):
     method = build_method(BitFitConfig())
     method.apply(model)
     # 8 examples over a sub-vocabulary of 8 tokens: a bias or a bottleneck can learn that much in 30 steps
-    losses = train(model, method, steps=30, vocab=9)
+    losses = overfit(model, method, steps=30, vocab=9)
     assert losses[-1] < losses[0] - 1.0, losses  # measured: about -1.9
     assert losses[-1] < math.log(VOCAB) - 0.5, losses  # clearly better than a uniform guess (measured: ~3.8)
     ids, _, _ = overfit_data(vocab=9)
-    out = greedy(model, method, ids[:1, :4], new_tokens=6)
-    assert out.shape == (1, 10) and torch.equal(out[:, :4], ids[:1, :4])
-    assert 0 <= int(out.min()) and int(out.max()) < VOCAB
-    assert torch.equal(out, greedy(model, method, ids[:1, :4], new_tokens=6))
+    assert_greedy_runs(model, method, ids)
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -164,10 +116,8 @@ def test_disable_merge_remove(kind):
 @pytest.mark.parametrize("kind", MODELS)
 def test_save_load_gives_the_same_logits(kind, tmp_path):
     model, method = applied(kind)
-    train(model, method, steps=2)
-    ids, mask = batch()
-    want = logits(model, method, ids, mask)
-    save_adapter(model, method, tmp_path / "a")
+    overfit(model, method, steps=2)
+    ids, mask, want = saved_logits(model, method, tmp_path / "a")
 
     fresh = TINY_MODELS[kind]()
     loaded = load_adapter(fresh, tmp_path / "a")
@@ -183,9 +133,7 @@ def test_saved_format_and_peft_beft_parity(kind, peft_format, tmp_path):
 
     model, method = applied(kind)
     randomise(method, model)
-    ids, mask = batch()
-    ours = logits(model, method, ids, mask)
-    save_adapter(model, method, tmp_path / "a")
+    ids, mask, ours = saved_logits(model, method, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     tensors = method.adapter_tensors(model)
     assert all(k.startswith("base_model.model.") and k.endswith(".beft_bias") for k in tensors)

@@ -1,20 +1,16 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from core.checkpoint import ADAPTER_WEIGHTS, load_adapter, save_adapter
+from core.checkpoint import ADAPTER_WEIGHTS, load_adapter
 from core.config import FishMaskConfig, method_config
 from core.forward import logits, supervised_loss
 from core.methods import build_method
 from core.methods.fishmask import FishMaskMethod
 from core.schedules import param_groups
-from tiny import VOCAB, batch, tiny_gpt2, tiny_llama
-
-
-def examples(n=8, t=12, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (n, t), generator=g)
+from tiny import (
+    VOCAB, assert_bake_round_trip, assert_toggle_restores, batch, examples, greedy, saved_logits, tiny_gpt2, tiny_llama,
+)
 
 
 def fisher_batches(n=4):
@@ -124,9 +120,7 @@ def test_sparse_delta_save_load_identical_logits(tmp_path):
     model = tiny_llama()
     m = prepared(model)
     train(model, m, steps=3)
-    ids, mask = batch()
-    want = logits(model, m, ids, mask)
-    save_adapter(model, m, tmp_path / "fm")
+    ids, mask, want = saved_logits(model, m, tmp_path / "fm")
 
     saved = load_file(str(tmp_path / "fm" / ADAPTER_WEIGHTS))
     for n, kept in m._masks.items():
@@ -148,12 +142,7 @@ def test_bake_then_from_pretrained(tmp_path):
     model = tiny_gpt2()
     m = prepared(model)
     train(model, m, steps=2)
-    ids, mask = batch()
-    want = logits(model, m, ids, mask)
-    m.bake(model)
-    model.save_pretrained(tmp_path / "hf")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert torch.equal(logits(back, None, ids, mask), want)
+    assert_bake_round_trip(model, m, tmp_path / "hf")
 
 
 def test_loss_falls_disable_restores_base_and_generation_runs():
@@ -165,15 +154,9 @@ def test_loss_falls_disable_restores_base_and_generation_runs():
     assert losses[-1] < 0.5 * losses[0]
     tuned = logits(model, m, ids, mask)
 
-    m.set_enabled(model, False)
-    assert torch.equal(logits(model, m, ids, mask), base)
-    m.set_enabled(model, True)
-    assert torch.equal(logits(model, m, ids, mask), tuned)
+    assert_toggle_restores(model, m, ids, mask, base, tuned)
 
-    seq = ids[:1, :3]
-    with torch.no_grad():
-        for _ in range(5):
-            seq = torch.cat([seq, logits(model, m, seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    seq = greedy(model, m, ids[:1, :3], new_tokens=5)
     assert seq.shape == (1, 8) and int(seq.max()) < VOCAB
 
     m.remove(model)

@@ -1,20 +1,17 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from core.blocks import depth_map
-from core.checkpoint import ADAPTER_WEIGHTS, load_adapter, save_adapter
+from core.checkpoint import ADAPTER_WEIGHTS, load_adapter
 from core.config import FreezeConfig, method_config
 from core.forward import logits, supervised_loss
 from core.methods import build_method
 from core.schedules import apply_unfreezing, param_groups
-from tiny import VOCAB, batch, tiny_gpt2, tiny_llama, tiny_qwen2
-
-
-def examples(n=8, t=12, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (n, t), generator=g)
+from tiny import (
+    VOCAB, assert_bake_round_trip, assert_toggle_restores, batch, examples, greedy, saved_logits, tiny_gpt2, tiny_llama,
+    tiny_qwen2,
+)
 
 
 def train(model, method, steps, lr=1e-2, weight_decay=0.1):
@@ -81,9 +78,7 @@ def test_save_only_changed_tensors_and_load_identical_logits(tmp_path):
     m = build_method(FreezeConfig(top_n=1))
     m.apply(model)
     train(model, m, steps=3)
-    ids, mask = batch()
-    want = logits(model, m, ids, mask)
-    save_adapter(model, m, tmp_path / "freeze")
+    ids, mask, want = saved_logits(model, m, tmp_path / "freeze")
     saved = load_file(str(tmp_path / "freeze" / ADAPTER_WEIGHTS))
     top = {n for n, _ in model.named_parameters() if n.startswith("model.layers.2.")}
     assert set(saved) == top | {"model.norm.weight"}  # the changed tensors only
@@ -98,12 +93,7 @@ def test_bake_then_from_pretrained(tmp_path):
     m = build_method(FreezeConfig(top_n=1, extra_modules=["norm", "lm_head"]))
     m.apply(model)
     train(model, m, steps=2)
-    ids, mask = batch()
-    want = logits(model, m, ids, mask)
-    m.bake(model)
-    model.save_pretrained(tmp_path / "hf")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert torch.equal(logits(back, None, ids, mask), want)
+    assert_bake_round_trip(model, m, tmp_path / "hf")
 
 
 def test_loss_falls_disable_restores_base_and_generation_runs():
@@ -115,14 +105,9 @@ def test_loss_falls_disable_restores_base_and_generation_runs():
     losses = train(model, m, steps=40, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
 
-    m.set_enabled(model, False)
-    assert torch.equal(logits(model, m, ids, mask), base)
-    m.set_enabled(model, True)
+    assert_toggle_restores(model, m, ids, mask, base)
 
-    seq = ids[:1, :3]
-    with torch.no_grad():
-        for _ in range(5):
-            seq = torch.cat([seq, logits(model, m, seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    seq = greedy(model, m, ids[:1, :3], new_tokens=5)
     assert seq.shape == (1, 8) and int(seq.max()) < VOCAB
 
     m.remove(model)

@@ -1,19 +1,15 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from core.blocks import depth_map
-from core.checkpoint import load_adapter, save_adapter
+from core.checkpoint import load_adapter
 from core.config import FullConfig, method_config
 from core.forward import logits, supervised_loss
 from core.methods import build_method
 from core.schedules import apply_unfreezing, lr_multiplier, param_groups
-from tiny import VOCAB, batch, tiny_llama, tiny_qwen2
-
-
-def examples(n=8, t=12, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (n, t), generator=g)
+from tiny import (
+    assert_bake_round_trip, assert_toggle_restores, batch, examples, greedy, saved_logits, tiny_llama, tiny_qwen2,
+)
 
 
 def train(model, method, steps, lr=3e-3, weight_decay=0.1, decay=1.0, on_step=None):
@@ -121,9 +117,7 @@ def test_save_load_gives_identical_logits(tmp_path):
     m = build_method(FullConfig(freeze_bottom=1))
     m.apply(model)
     train(model, m, steps=3)
-    ids, mask = batch()
-    want = logits(model, m, ids, mask)
-    save_adapter(model, m, tmp_path / "full")
+    ids, mask, want = saved_logits(model, m, tmp_path / "full")
 
     fresh = tiny_llama()
     base = logits(fresh, None, ids, mask)
@@ -137,12 +131,7 @@ def test_bake_then_from_pretrained(tmp_path):
     m = build_method(FullConfig())
     m.apply(model)
     train(model, m, steps=2)
-    ids, mask = batch()
-    want = logits(model, m, ids, mask)
-    m.bake(model)
-    model.save_pretrained(tmp_path / "hf")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert torch.equal(logits(back.eval(), None, ids, mask), want)
+    assert_bake_round_trip(model, m, tmp_path / "hf")
 
 
 def test_loss_falls_disable_restores_base_and_generation_runs():
@@ -156,17 +145,10 @@ def test_loss_falls_disable_restores_base_and_generation_runs():
     assert losses[-1] < 0.5 * losses[0]
     tuned = logits(model, m, ids, mask)
 
-    m.set_enabled(model, False)
-    assert torch.equal(logits(model, m, ids, mask), base)
-    m.set_enabled(model, True)
-    assert torch.equal(logits(model, m, ids, mask), tuned)
+    assert_toggle_restores(model, m, ids, mask, base, tuned)
 
     # greedy generation: the model reproduces a memorised training example from its first tokens
-    seq = examples()[:1, :4]
-    with torch.no_grad():
-        for _ in range(8):
-            nxt = logits(model, m, seq)[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
+    seq = greedy(model, m, examples()[:1, :4], new_tokens=8)
     assert seq.shape == (1, 12)
     assert (seq[0, 4:] == examples()[0, 4:]).float().mean() > 0.5
 

@@ -225,19 +225,6 @@ def test_metrics_tail_ignores_partial_and_garbage_lines(tmp_path):
 # ---- the real engine (core.train) on a tiny model -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from core.models import load_tokenizer
-    from tiny import tiny_llama
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_llama(vocab=49152, layers=2)
-    model.config.max_position_embeddings = 1024
-    model.save_pretrained(folder)
-    load_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
 def test_real_worker_killed_then_resumed_to_completion(tmp_path, tiny_model_dir):
     from pathlib import Path
 

@@ -7,12 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from core.blocks import model_shape
-from core.checkpoint import load_adapter, save_adapter
+from core.checkpoint import load_adapter
 from core.config import LoraConfig
-from core.forward import logits, supervised_loss
+from core.forward import logits
 from core.methods import build_method
 from core.methods.lora import LoraLinear, LoraMethod
-from tiny import TINY_MODELS, VOCAB, batch
+from tiny import (
+    TINY_MODELS, assert_greedy_runs, batch, one_step, overfit, overfit_data, saved_logits, sharpened,
+)
 
 MODELS = sorted(TINY_MODELS)
 
@@ -35,54 +37,11 @@ def randomise_b(method: LoraMethod, model, seed: int = 5) -> None:
             layer.lora_B.weight.normal_(0, 0.2)
 
 
-def overfit_data(n: int = 8, t: int = 12, seed: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (n, t), generator=g)
-    return ids, torch.ones_like(ids), ids.clone()
-
-
-def train(model, method, steps: int, lr: float = 1e-2) -> list[float]:
-    ids, mask, labels = overfit_data()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)  # frozen params are in it too: they must get no grad
-    losses = []
-    for _ in range(steps):
-        loss_sum, n = supervised_loss(model, method, ids, mask, labels)
-        loss = loss_sum / n
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def greedy(model, method, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            nxt = logits(model, method, ids)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    return ids
-
-
 def applied(kind: str, **cfg) -> tuple[torch.nn.Module, LoraMethod]:
     model = TINY_MODELS[kind]()
     method = build_method(LoraConfig(**cfg))
     method.apply(model)
     return model, method
-
-
-def sharpened(kind: str) -> torch.nn.Module:
-    """A tiny model whose frozen LM head can express a peaked distribution.
-
-    The tiny models are initialised with std 0.02, so with a frozen final norm and head every logit stays below
-    ~0.7 and no method that leaves them frozen can win more than a few tenths of a nat. Scaling the token
-    embeddings (and an untied head) by 10 lifts that cap, so overfitting can show."""
-    model = TINY_MODELS[kind]()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-            model.get_output_embeddings().weight.mul_(10)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,10 +80,7 @@ def test_gpt2_fused_c_attn_is_a_target():
 @pytest.mark.parametrize("kind", MODELS)
 def test_frozen_base_is_bit_identical_after_a_step(kind):
     model, method = applied(kind, r=4, targets=["all-linear"])
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trained = {n: p.detach().clone() for n, p in method.trainable_parameters(model).items()}
-    train(model, method, steps=1)
-    now = dict(model.named_parameters())
+    frozen, trained, now = one_step(model, method)
     assert all(torch.equal(now[n], v) for n, v in frozen.items())
     assert all(now[n].grad is None for n in frozen)
     assert any(not torch.equal(now[n], v) for n, v in trained.items())  # the step did move the adapter
@@ -136,22 +92,17 @@ def test_loss_falls_when_overfitting_and_greedy_generation_runs(kind):
     model = sharpened(kind)
     method = build_method(LoraConfig(r=8, alpha=16, targets=["all-linear"]))
     method.apply(model)
-    losses = train(model, method, steps=30)  # eval mode: GPT-2's dropout would only add noise here
+    losses = overfit(model, method, steps=30)  # eval mode: GPT-2's dropout would only add noise here
     assert losses[-1] < 0.5 * losses[0], losses  # 8 random sequences, mostly memorised
     ids, _, _ = overfit_data()
-    out = greedy(model, method, ids[:1, :4], new_tokens=6)
-    assert out.shape == (1, 10) and torch.equal(out[:, :4], ids[:1, :4])
-    assert int(out.min()) >= 0 and int(out.max()) < VOCAB
-    assert torch.equal(out, greedy(model, method, ids[:1, :4], new_tokens=6))  # deterministic
+    assert_greedy_runs(model, method, ids)
 
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_save_load_gives_identical_logits(kind, tmp_path):
     model, method = applied(kind, r=4, alpha=8, targets=["q_proj", "v_proj"] if kind != "gpt2" else ["c_attn", "c_fc"])
-    train(model, method, steps=2)
-    ids, mask = batch()
-    want = logits(model, method, ids, mask)
-    save_adapter(model, method, tmp_path / "a")
+    overfit(model, method, steps=2)
+    ids, mask, want = saved_logits(model, method, tmp_path / "a")
 
     fresh = TINY_MODELS[kind]()
     loaded = load_adapter(fresh, tmp_path / "a")
@@ -236,9 +187,7 @@ def test_peft_loads_our_folder_with_the_same_logits(kind, rslora, tmp_path):
 
     model, method = applied(kind, r=4, alpha=8, targets=["all-linear"], rslora=rslora)
     randomise_b(method, model)
-    ids, mask = batch()
-    ours = logits(model, method, ids, mask)
-    save_adapter(model, method, tmp_path / "a")
+    ids, mask, ours = saved_logits(model, method, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] is rslora
     assert config["fan_in_fan_out"] is (kind == "gpt2")

@@ -23,6 +23,8 @@ from studio import charts
 from studio.context import StudioContext
 from studio.ui import build_app, launch_options
 
+from conftest import tiny_model_dir  # noqa: F401  (the fixture lives in conftest; tests/soak.py imports it from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_LIMIT = 256 * 1024
 
@@ -31,19 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from core.models import load_tokenizer
-    from tiny import tiny_llama
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_llama(vocab=49152, layers=2)
-    model.config.max_position_embeddings = 1024
-    model.save_pretrained(folder)
-    load_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 def start_app(data_dir, model, auth=None):
