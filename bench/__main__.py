@@ -1,6 +1,8 @@
 """`make bench [QUICK=1]`: every case, ours vs transformers.Trainer + peft, each side in its own process.
 
-Writes bench/results.json and prints a markdown table. QUICK=1 uses fewer examples (fits 15 min on 2 CPU cores).
+Writes bench/results.json and prints the token-length histogram of the data, a markdown table of the training
+cases and one of chat generation (bench/generation.py). QUICK=1 uses fewer examples and shorter replies (fits
+15 min on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .common import CASES
+from .common import CASE_BY_NAME, CASES, SAMPLE, encode_file, length_histogram, write_split
 
 OUT = Path(__file__).parent / "results.json"
 
@@ -29,13 +32,35 @@ def machine() -> str:
 
 
 def run_side(case: str, side: str, quick: bool) -> dict:
-    cmd = [sys.executable, "-m", "bench.one", "--case", case, "--side", side] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return _run([sys.executable, "-m", "bench.one", "--case", case, "--side", side], quick, f"{case}/{side}")
+
+
+def _run(cmd: list[str], quick: bool, what: str) -> dict:
+    proc = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
-        raise RuntimeError(f"{case}/{side} failed:\n{tail}")
+        raise RuntimeError(f"{what} failed:\n{tail}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def data_report(quick: bool) -> dict:
+    """Token lengths of the instruction sample (chat template, max_len 512) and of the rows each case trains on."""
+    from core.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file, val_file = write_split(Path(tmp), 0)
+        lengths = [len(e.input_ids) for e in encode_file(train_file, tokenizer) + encode_file(val_file, tokenizer)]
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    case = CASE_BY_NAME["lora-default"]
+    n = case.quick_examples if quick else case.full_examples
+    return {
+        "file": SAMPLE.name, "rows": len(lengths), "min": ordered[0], "p50": pick(0.5), "p90": pick(0.9),
+        "max": ordered[-1], "mean": sum(lengths) / len(lengths), "lora_default_train_rows": n or len(lengths) - 32,
+        "histogram": length_histogram(lengths),
+    }
 
 
 def table(results: dict) -> str:
@@ -52,12 +77,28 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def generation_table(g: dict) -> str:
+    rows = ["| generation (greedy, default model) | time to first token s | tokens/s |", "|---|---|---|"]
+    names = {"hf-streamer": "model.generate + TextIteratorStreamer", "ours": "core.generate.stream, base",
+             "lora": "core.generate.stream, LoRA unmerged", "lora-merged": "core.generate.stream, LoRA merged"}
+    for key, label in names.items():
+        rows.append(f"| {label} | {g[key]['ttft_s']:.3f} | {g[key]['tokens_per_s']:.1f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="fewer examples; fits 15 min on 2 CPU cores")
     ap.add_argument("--cases", nargs="*", default=[c.name for c in CASES])
+    ap.add_argument("--no-generation", action="store_true", help="skip the chat generation timing")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "cases": []}
+    data = results["data"] = data_report(args.quick)
+    print(f"{data['file']}: {data['rows']} rows, tokens per row min {data['min']} / p50 {data['p50']} / "
+          f"p90 {data['p90']} / max {data['max']} (mean {data['mean']:.0f}); lora-default trains on "
+          f"{data['lora_default_train_rows']} of them. Token lengths:")
+    print("\n".join(data["histogram"]) + "\n", flush=True)
     for name in args.cases:
         ours, peer = run_side(name, "ours", args.quick), run_side(name, "peer", args.quick)
         print(f"{name}: ours {ours['wall_s']:.1f}s, peer {peer['wall_s']:.1f}s", flush=True)
@@ -68,8 +109,17 @@ def main() -> None:
             "loss_delta_pct": 100 * (ours["eval_loss"] - peer["eval_loss"]) / peer["eval_loss"],
         })
         OUT.write_text(json.dumps(results, indent=2))
-    print(f"\nMachine: {results['machine']} ({results['date']}{', quick' if args.quick else ''})\n")
+    if not args.no_generation:
+        results["generation"] = _run([sys.executable, "-m", "bench.generation"], args.quick, "generation")
+        OUT.write_text(json.dumps(results, indent=2))
+    results["total_s"] = time.perf_counter() - t_start
+    OUT.write_text(json.dumps(results, indent=2))
+    print(f"\nMachine: {results['machine']} ({results['date']}{', quick' if args.quick else ''}; "
+          f"whole benchmark {results['total_s'] / 60:.1f} min)\n")
     print(table(results))
+    if "generation" in results:
+        print()
+        print(generation_table(results["generation"]))
 
 
 if __name__ == "__main__":

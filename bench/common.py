@@ -81,3 +81,19 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def supervised_tokens(examples: list[Example]) -> int:
     return sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
+
+
+def length_histogram(lengths: list[int], bin_width: int = 32, bar: int = 40) -> list[str]:
+    """A text histogram of token lengths, one line per non-empty bin: '  64- 95 | ######## 23'."""
+    if not lengths:
+        return []
+    counts: dict[int, int] = {}
+    for n in lengths:
+        counts[n // bin_width] = counts.get(n // bin_width, 0) + 1
+    top = max(counts.values())
+    lines = []
+    for b in range(min(counts), max(counts) + 1):
+        c = counts.get(b, 0)
+        lo, hi = b * bin_width, (b + 1) * bin_width - 1
+        lines.append(f"{lo:5d}-{hi:4d} | {'#' * max(1 if c else 0, round(bar * c / top)):<{bar}} {c}")
+    return lines

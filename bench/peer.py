@@ -36,6 +36,33 @@ def peft_config(case: Case, model):
 
 
 @torch.no_grad()
+def our_init(case: Case, model) -> list[torch.Tensor]:
+    """The trainable tensors our engine starts from (core.train.train seeds right before it builds the method)."""
+    from core.config import method_config
+    from core.methods import build_method
+
+    torch.manual_seed(SEED)
+    method = build_method(method_config(case.method, case.knobs))
+    method.apply(model)
+    init = [p.detach().clone() for p in method.trainable_parameters(model).values()]
+    method.remove(model)
+    model.requires_grad_(False)
+    return init
+
+
+@torch.no_grad()
+def start_from(peft_model, init: list[torch.Tensor], case: Case) -> None:
+    """Start peft from our initial weights, so the eval losses differ by the training runs only, not by the luck
+    of the initialisation. Our trainable tensors and peft's come in the same module order with the same shapes;
+    anything else is refused."""
+    theirs = [p for p in peft_model.parameters() if p.requires_grad]
+    if [tuple(t.shape) for t in init] != [tuple(t.shape) for t in theirs]:
+        raise RuntimeError(f"{case.name}: our trainable tensors do not line up with peft's; cannot share the init")
+    for mine, their in zip(init, theirs):
+        their.copy_(mine)
+
+
+@torch.no_grad()
 def eval_loss(model, examples, collator, device) -> float:
     """Token-mean cross-entropy over the supervised tokens of the held-out rows."""
     model.eval()
@@ -51,10 +78,14 @@ def eval_loss(model, examples, collator, device) -> float:
 
 
 def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device) -> dict:
+    """Timed like ours (the whole of core.train.train): tokenise, wrap, train, save the adapter."""
     import peft
 
-    train, val = encode_file(train_file, tokenizer), encode_file(val_file, tokenizer)
+    init = our_init(case, model)  # not timed
+    t0 = time.perf_counter()
+    train = encode_file(train_file, tokenizer)
     model = peft.get_peft_model(model, peft_config(case, model))
+    start_from(model, init, case)
     ds = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
                             for e in train])
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
@@ -65,8 +96,8 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    t0 = time.perf_counter()
     trainer.train()
+    trainer.save_model(str(work / "peer" / "adapter"))
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -75,6 +106,6 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
         "wall_s": wall,
         "tokens_per_s": supervised_tokens(train) / wall,
         "peak_mem_mb": mem,
-        "eval_loss": eval_loss(model, val, collator, device),
+        "eval_loss": eval_loss(model, encode_file(val_file, tokenizer), collator, device),
         "trainable": model.get_nb_trainable_parameters()[0],
     }

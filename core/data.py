@@ -904,11 +904,17 @@ class LengthGroupedBatches:
     batch order, putting the batch with the longest example first (an out-of-memory shows at step 1, not late).
     Deterministic for (seed, epoch). Only the last batch of an epoch can be smaller than batch_size.
     With shuffle=False (evaluation) the examples are sorted by length once and the order never changes.
+    With group=False every batch is a uniformly random draw (its rows sorted by length, longest batch still
+    first): the training loop uses that on CPU, where core.forward.pieces removes the padding anyway and
+    length-homogeneous batches would cost quality (they are often topic-homogeneous too).
     """
 
     MEGA = 50
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, shuffle: bool = True):
+    def __init__(
+        self, examples: list[Example], batch_size: int, seed: int, pad_id: int, shuffle: bool = True,
+        group: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size = {batch_size} is invalid: must be >= 1")
         self.examples = examples
@@ -916,6 +922,7 @@ class LengthGroupedBatches:
         self.seed = seed
         self.pad_id = pad_id
         self.shuffle = shuffle
+        self.group = group
         self.lengths = [len(e.input_ids) for e in examples]
 
     def __len__(self) -> int:
@@ -932,7 +939,7 @@ class LengthGroupedBatches:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(n))
         rng.shuffle(order)
-        mega = bs * self.MEGA
+        mega = bs * (self.MEGA if self.group else 1)
         batches: list[list[int]] = []
         for m in range(0, n, mega):
             group = sorted(order[m : m + mega], key=lambda i: -self.lengths[i])

@@ -90,7 +90,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .data import LengthGroupedBatches, load_examples, split
-from .forward import supervised_loss
+from .forward import piece_budget, pieces, supervised_loss
 from .methods import Method, build_method
 from .models import load_model, load_model_config, load_tokenizer, resolve_device, shape_model
 from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_groups
@@ -133,7 +133,9 @@ def train(
         if not train_set:
             raise ValueError(f"DataConfig.path = {cfg.data.path!r}: no training examples left after the split")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batches = LengthGroupedBatches(train_set, tc.batch_size, tc.seed, pad_id)
+        # on CPU each batch runs as length-sorted pieces (core.forward.pieces), which removes the padding that
+        # length grouping would save, so batches stay uniformly random there (grouping costs quality)
+        batches = LengthGroupedBatches(train_set, tc.batch_size, tc.seed, pad_id, group=device.type != "cpu")
         val_batches = None
         if val_set:
             val_batches = LengthGroupedBatches(val_set, tc.batch_size, tc.seed, pad_id, shuffle=False)
@@ -245,16 +247,14 @@ def train(
             n_tokens = sum(b.n_supervised() for b in group)  # CPU tensors: no device sync
             mine = group[world.rank * tc.grad_accum : (world.rank + 1) * tc.grad_accum]
             scale = world.world_size / max(1, n_tokens)  # DDP averages over ranks; we want the global sum
+            # each micro-batch runs as length-sorted, right-padded pieces: no attention mask needed (core.forward)
+            work = [p for b in mine for p in pieces(b.input_ids, b.attention_mask, b.labels, *piece_budget(device))]
             loss_sum = torch.zeros((), device=device)
-            for i, b in enumerate(mine):
-                sync = ddp.no_sync() if ddp is not None and i < len(mine) - 1 else nullcontext()
+            for i, (ids, labels) in enumerate(work):
+                sync = ddp.no_sync() if ddp is not None and i < len(work) - 1 else nullcontext()
                 with sync:
                     with autocast():
-                        part, _ = forward(
-                            b.input_ids.to(device, non_blocking=True),
-                            b.attention_mask.to(device, non_blocking=True),
-                            b.labels.to(device, non_blocking=True),
-                        )
+                        part, _ = forward(ids.to(device, non_blocking=True), None, labels.to(device, non_blocking=True))
                     (part * scale).backward()
                 loss_sum += part.detach().float()
             tokens_since_log += n_tokens
@@ -512,7 +512,7 @@ class LossModule(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
         return supervised_loss(self.model, self.method, input_ids, attention_mask, labels)
 
 
@@ -547,8 +547,8 @@ def evaluate(loss_module: nn.Module, val_batches: LengthGroupedBatches, device, 
     for i, b in enumerate(val_batches.epoch(0)):
         if i % world.world_size != world.rank:
             continue
-        with autocast():
-            s, n = loss_module(b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
+        with autocast():  # right-padded batches: no attention mask needed (core.forward)
+            s, n = loss_module(b.input_ids.to(device), None, b.labels.to(device))
         total += torch.stack([s.float(), n.float()])
     dist.all_reduce_sum(total, world)
     return float(total[0] / total[1].clamp(min=1))

@@ -1,0 +1,102 @@
+"""core.forward's speed levers change nothing but speed and memory: the fused chunked cross-entropy, running
+right-padded batches without a mask, and cutting a batch into pieces give the same loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import method_config
+from core.data import Example, LengthGroupedBatches, collate
+from core.forward import IGNORE, head_cross_entropy, pieces, supervised_loss
+from core.methods import build_method
+from tiny import TINY_MODELS
+
+
+@pytest.mark.parametrize("bias,head_trains", [(False, False), (True, True)])
+def test_fused_head_cross_entropy_matches_the_plain_one(bias, head_trains):
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias).requires_grad_(head_trains)
+    h = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    ref = F.cross_entropy(head(h), targets, reduction="sum")
+    (3 * ref).backward()
+    want = [t.grad.clone() for t in (h, *head.parameters()) if t.requires_grad]
+    for t in (h, *head.parameters()):
+        t.grad = None
+    got = head_cross_entropy(head, h, targets, chunk=4)  # 3 chunks, the last one short
+    (3 * got).backward()
+    torch.testing.assert_close(got, ref)
+    for w, g in zip(want, [t.grad for t in (h, *head.parameters()) if t.requires_grad]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: no gradient work, same value
+        torch.testing.assert_close(head_cross_entropy(head, h, targets, chunk=4), ref.detach())
+
+
+def _examples(lengths: list[int], vocab: int = 128) -> list[Example]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        out.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))  # the second half is trained
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("kind", ["lora", "prompt_tuning", "prefix_tuning"])
+def test_pieces_without_mask_give_the_padded_batch_gradient(arch, kind):
+    model = TINY_MODELS[arch]()
+    torch.manual_seed(0)
+    knobs = {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {"num_virtual_tokens": 3}
+    if kind == "prefix_tuning":
+        knobs["encoder_hidden"] = 8
+    method = build_method(method_config(kind, knobs))
+    method.apply(model)
+    with torch.no_grad():  # LoRA's B starts at zero; make every parameter matter
+        for p in method.trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    params = list(method.trainable_parameters(model).values())
+    b = collate(_examples([12, 5, 9, 3, 12, 7]), pad_id=0)
+
+    def grads(parts):
+        for p in params:
+            p.grad = None
+        total = 0.0
+        for ids, mask, labels in parts:
+            s, _ = supervised_loss(model, method, ids, mask, labels)
+            s.backward()
+            total += float(s.detach())
+        return total, [p.grad.clone() for p in params]
+
+    want_loss, want = grads([(b.input_ids, b.attention_mask, b.labels)])
+    cut = pieces(b.input_ids, b.attention_mask, b.labels, max_tokens=20, overhead=2)
+    assert len(cut) > 1 and all(ids.shape[0] * ids.shape[1] <= 20 or ids.shape[0] == 1 for ids, _ in cut)
+    assert sum(ids.shape[0] for ids, _ in cut) == 6
+    for parts in ([(b.input_ids, None, b.labels)], [(ids, None, labels) for ids, labels in cut]):
+        loss, got = grads(parts)
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_pieces_trim_padding_and_respect_the_budget():
+    b = collate(_examples([40, 38, 10, 9, 8, 3]), pad_id=0)
+    cut = pieces(b.input_ids, b.attention_mask, b.labels, max_tokens=80, overhead=8)
+    shapes = [tuple(ids.shape) for ids, _ in cut]
+    assert shapes == [(2, 40), (4, 10)]  # long rows together, short rows together, each trimmed
+    assert pieces(b.input_ids, b.attention_mask, b.labels, max_tokens=10**6, overhead=10**6)[0][0] is b.input_ids
+    rows = pieces(b.input_ids, b.attention_mask, b.labels, max_tokens=1)  # every row alone, even over budget
+    assert [tuple(ids.shape) for ids, _ in rows] == [(1, 40), (1, 38), (1, 10), (1, 9), (1, 8), (1, 3)]
+
+
+def test_ungrouped_batches_are_random_draws_with_the_longest_first():
+    examples = _examples([5 + (i * 37) % 60 for i in range(64)])
+    grouped = LengthGroupedBatches(examples, 8, seed=1, pad_id=0)
+    random_ = LengthGroupedBatches(examples, 8, seed=1, pad_id=0, group=False)
+    plan = random_.plan(0)
+    assert sorted(i for b in plan for i in b) == list(range(64))
+    assert max(random_.lengths[i] for i in plan[0]) == max(random_.lengths)
+    assert random_.padding_waste() > grouped.padding_waste()  # batches mix lengths: no grouping
+    assert plan == random_.plan(0) and plan != random_.plan(1)  # deterministic per (seed, epoch)
