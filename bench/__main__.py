@@ -64,16 +64,20 @@ def data_report(quick: bool) -> dict:
 
 
 def table(results: dict) -> str:
+    gpu = any(c["ours"].get("mfu") is not None for c in results["cases"])
     rows = ["| case | ours wall s | peer wall s | speedup | ours tok/s | peer tok/s | mem ours/peer MB | mem ratio "
-            "| eval loss ours / peer | loss delta |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| eval loss ours / peer | loss delta |" + (" MFU ours / peer |" if gpu else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for c in results["cases"]:
         o, p = c["ours"], c["peer"]
-        rows.append(
+        row = (
             f"| {c['name']} | {o['wall_s']:.1f} | {p['wall_s']:.1f} | {c['speedup']:.2f}x | {o['tokens_per_s']:.0f} | "
             f"{p['tokens_per_s']:.0f} | {o['peak_mem_mb']:.0f} / {p['peak_mem_mb']:.0f} | {c['mem_ratio']:.2f} | "
             f"{o['eval_loss']:.4f} / {p['eval_loss']:.4f} | {c['loss_delta_pct']:+.2f}% |"
         )
+        if gpu:
+            row += f" {100 * (o.get('mfu') or 0):.1f}% / {100 * (p.get('mfu') or 0):.1f}% |"
+        rows.append(row)
     return "\n".join(rows)
 
 

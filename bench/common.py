@@ -25,6 +25,7 @@ class Case:
     lr: float = 2e-4
     full_examples: int = 0           # 0 = every training example of the sample
     quick_examples: int = 48
+    ours_dtype: str = "default"      # "bf16": our side loads the frozen base in bf16 (an ablation, not a default)
 
 
 CASES = [
@@ -34,7 +35,12 @@ CASES = [
     Case("p-tuning", "p_tuning", {"num_virtual_tokens": 20, "encoder_type": "mlp", "encoder_hidden": 128}, lr=3e-3,
          full_examples=128),
 ]
-CASE_BY_NAME = {c.name: c for c in CASES}
+# Run only when named (--cases): what a bf16 base would give our engine on a CPU with AMX (bf16 matrix units)
+EXTRA_CASES = [
+    Case("lora-bf16-base", "lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, lr=2e-4,
+         quick_examples=64, ours_dtype="bf16"),
+]
+CASE_BY_NAME = {c.name: c for c in CASES + EXTRA_CASES}
 BATCH = 8
 MAX_LEN = 512
 
@@ -62,6 +68,19 @@ def encode_file(path: Path, tokenizer) -> list[Example]:
     return examples
 
 
+def our_batch_order(examples: list[Example], device: torch.device) -> list[int]:
+    """The example order of our engine's first epoch: the batches core.train.train draws, flattened.
+
+    The peer reads its rows in this order (sequential sampler), so both sides take the same optimiser steps on the
+    same 8 rows; on CPU these batches are uniform random draws, like the Trainer's own RandomSampler."""
+    from core.data import LengthGroupedBatches
+
+    plan = LengthGroupedBatches(examples, BATCH, SEED, pad_id=0, group=device.type != "cpu").plan(0)
+    if any(len(b) != BATCH for b in plan[:-1]):
+        raise RuntimeError("our first batch is a short one: the peer's sequential batches would not line up")
+    return [i for b in plan for i in b]
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, in MiB.
 
@@ -77,6 +96,25 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return peak_rss_mb()
+
+
+# Dense bf16 peak of the GPUs we expect to meet, for the model-FLOPs utilisation (MFU) of the full GPU mode.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "4090": 165e12}
+
+
+def model_flops(examples: list[Example], n_params: int, num_layers: int, hidden: int) -> float:
+    """Useful training FLOPs of one pass over ``examples`` with a frozen base (PEFT): forward 2·N per token plus
+    the input-gradient backward 2·N, and causal attention 2·L·d·T² forward, twice that backward, per row."""
+    return sum(4 * n_params * len(e.input_ids) + 6 * num_layers * hidden * len(e.input_ids) ** 2 for e in examples)
+
+
+def mfu(flops: float, wall_s: float) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return flops / wall_s / peak if peak else None
 
 
 def supervised_tokens(examples: list[Example]) -> int:

@@ -13,7 +13,7 @@ from core.config import DEFAULT_MODEL
 from core.models import load_model
 
 from . import ours, peer
-from .common import CASE_BY_NAME, write_split
+from .common import CASE_BY_NAME, encode_file, mfu, model_flops, write_split
 
 
 def main() -> None:
@@ -24,14 +24,20 @@ def main() -> None:
     args = ap.parse_args()
     case = CASE_BY_NAME[args.case]
     torch.manual_seed(0)
-    model, tokenizer = load_model(DEFAULT_MODEL)
+    dtype = torch.bfloat16 if args.side == "ours" and case.ours_dtype == "bf16" else None
+    model, tokenizer = load_model(DEFAULT_MODEL, dtype=dtype)
     device = next(model.parameters()).device
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         n = case.quick_examples if args.quick else case.full_examples
         train_file, val_file = write_split(work / "data", n)
         side = ours if args.side == "ours" else peer
         result = side.run(case, model, tokenizer, train_file, val_file, work, device)
+        if device.type == "cuda":
+            flops = model_flops(encode_file(train_file, tokenizer), n_params, cfg.num_hidden_layers, cfg.hidden_size)
+            result["mfu"] = mfu(flops, result["wall_s"])
     print("RESULT " + json.dumps(result))
 
 

@@ -3,6 +3,11 @@
 Default settings: pad to the longest sequence in each batch (DataCollatorForSeq2Seq), the model's own loss
 (logits over the full vocabulary at every position), the Trainer's default optimiser. Only the hyperparameters
 that the comparison must share (lr, batch, epochs, seed, schedule) are set.
+
+Two things are shared with our side so that the eval losses differ by the implementations only, not by luck:
+the initial trainable weights (our seeded init, copied into peft's tensors) and the batches (the rows of each
+optimiser step, read in our engine's order with the sequential sampler; on CPU they are uniform random draws,
+the same distribution as the Trainer's default random sampler, so the padding the peer pays is typical).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from .common import BATCH, SEED, Case, encode_file, peak_memory_mb, supervised_tokens
+from .common import BATCH, SEED, Case, encode_file, our_batch_order, peak_memory_mb, supervised_tokens
 
 
 def peft_config(case: Case, model):
@@ -87,12 +92,13 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
     model = peft.get_peft_model(model, peft_config(case, model))
     start_from(model, init, case)
     ds = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
-                            for e in train])
+                            for e in (train[i] for i in our_batch_order(train, device))])
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     args = TrainingArguments(
         output_dir=str(work / "peer"), per_device_train_batch_size=BATCH, num_train_epochs=1,
         learning_rate=case.lr, lr_scheduler_type="linear", warmup_steps=0, seed=SEED, report_to="none",
         save_strategy="no", logging_steps=10, disable_tqdm=True, use_cpu=device.type == "cpu",
+        train_sampling_strategy="sequential",  # our batches, in our order (see our_batch_order)
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
