@@ -11,9 +11,11 @@ Where the time and memory of a fine-tuning step go, and what this module does ab
   every real position (a real token never looks right, where the padding is), so the model gets no mask: SDPA
   takes its causal kernel, with no (B, 1, T, T) mask and no copies of the grouped K/V heads. Our batches are
   always right-padded (core.data.collate), so the training loop passes None.
-* ``pieces`` cuts a batch into row groups of at most ``max_tokens`` padded positions, each trimmed to its own
-  longest row; summing the losses of the pieces (backward after each) gives the gradient of the whole batch,
-  with less padding and activation memory capped by the budget, not by batch · longest row.
+* ``pieces`` cuts a batch into length-sorted row groups (at most ``max_tokens`` padded positions each, chosen to
+  minimise padding plus a per-call overhead), each trimmed to its own longest row; summing the losses of the
+  pieces (backward after each) gives the gradient of the whole batch, with less padding and activation memory
+  capped by the budget, not by batch · longest row. (8 rows of up to 371 tokens padded together kept ~5 GB of
+  fp32 activations alive for SmolLM2-135M; as pieces of <= 1024 positions, ~1.5 GB.)
 """
 
 from __future__ import annotations
