@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
 
-from .config import METHOD_CONFIGS, DataConfig, RunConfig, TrainConfig
+from .config import DataConfig, RunConfig, TrainConfig
+from .methods import spec, specs
 
 RUN_CONFIG = "config.yaml"
 DATA_FLAG_NAMES = {"path": "data"}  # DataConfig.path is --data
@@ -73,32 +74,34 @@ def _add_fields(group, cls, rename: dict[str, str] | None = None, extra_help: di
 
 
 def method_knobs() -> dict[str, list[str]]:
-    """{knob name: [methods that have it]} over every method config."""
+    """{knob name: [methods that have it]} over every registered method."""
     knobs: dict[str, list[str]] = {}
-    for name, cls in METHOD_CONFIGS.items():
-        for f in dataclasses.fields(cls):
+    for name, s in specs().items():
+        for f in dataclasses.fields(s.config_cls):
             knobs.setdefault(f.name, []).append(name)
     return knobs
 
 
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) or "none" if isinstance(value, list) else repr(value)
+
+
 def _add_method_knobs(group) -> None:
-    seen: set[str] = set()
-    knobs = method_knobs()
-    for name, cls in METHOD_CONFIGS.items():
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            where = ", ".join(knobs[f.name])
-            help_text = f"{f.metadata.get('help', '')} [{where}; default {default!r}]"
-            kw: dict[str, Any] = {"dest": f"method.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
-            if hints[f.name] is bool:
-                kw.update(nargs="?", const="true", metavar="BOOL")
-            else:
-                kw.update(metavar=f.name.upper())
-            group.add_argument(_flag(f.name), **kw)
+    """One flag per knob name; a knob that several methods share lists each method's own default."""
+    owners: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {}
+    for name, s in specs().items():
+        for f in dataclasses.fields(s.config_cls):
+            owners.setdefault(f.name, []).append((name, f, get_type_hints(s.config_cls)[f.name]))
+    for knob, entries in owners.items():
+        helps = dict.fromkeys(f.metadata.get("help", "") for _, f, _ in entries)
+        defaults = "; ".join(f"{m}: {_show(s.defaults()[knob])}" for m, s in ((m, spec(m)) for m, _, _ in entries))
+        help_text = f"{' / '.join(helps)} [default {defaults}]"
+        kw: dict[str, Any] = {"dest": f"method.{knob}", "default": argparse.SUPPRESS, "help": help_text}
+        if entries[0][2] is bool:
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        else:
+            kw.update(metavar=knob.upper())
+        group.add_argument(_flag(knob), **kw)
 
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
@@ -116,9 +119,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if getattr(args, "name", None):
         d["name"] = args.name
     if getattr(args, "method", None) and args.method != d["method"]:
-        if args.method not in METHOD_CONFIGS:
-            choices = ", ".join(METHOD_CONFIGS)
-            raise ValueError(f"RunConfig.method = {args.method!r} is invalid: choose one of {choices}")
+        spec(args.method)  # ValueError naming RunConfig.method and the choices
         d["method"], d["method_config"] = args.method, {}
     knobs = method_knobs()
     for key, value in flags.items():
@@ -152,7 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, run_dir = resolve_train_config(args)
     _quiet_transformers()
     from . import dist
-    from .train import _describe, preflight, train
+    from .preflight import preflight
+    from .train import _describe, train
 
     preflight(cfg)  # settings that do not fit the model fail here, before anything is written or loaded
     main_rank = dist.from_env().is_main
@@ -248,7 +250,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .checkpoint import export_adapter, export_merged, load_adapter, read_sidecar
     from .generate import adapter_folder
-    from .methods import method_class
     from .models import load_model
 
     folder = adapter_folder(run)
@@ -256,7 +257,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() in (run.resolve(), folder.resolve()):
         raise CliError("--out must be a new folder, not the run or its adapter")
-    if args.merge and not method_class(sidecar["method"]).can_merge:
+    if args.merge and not spec(sidecar["method"]).can_merge:
         raise CliError(
             f"method {sidecar['method']} cannot be merged into the base model (it adds virtual tokens, not weight "
             f"changes); export without --merge to get the adapter folder"
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a run config (.yaml or .json); its folder is the run folder unless --out")
     t.add_argument("--out", help="run folder: config.yaml, metrics.jsonl, status.json, checkpoints/, adapter/")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    t.add_argument("--method", help=f"one of {', '.join(METHOD_CONFIGS)} (default: lora)")
+    t.add_argument("--method", help=f"one of {', '.join(specs())} (default: lora)")
     t.add_argument("--model", help="base model: 'default' (packaged SmolLM2-135M-Instruct), an HF id or a folder")
     t.add_argument("--name", help="a display name for the run")
     _add_fields(t.add_argument_group("data"), DataConfig, rename=DATA_FLAG_NAMES)

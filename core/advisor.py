@@ -16,11 +16,14 @@ tuning has little capacity, so with more data prefix tuning is advised instead).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .methods import spec, specs
+from .methods.registry import Goal
+
 Hardware = Literal["cpu", "small_gpu", "large_gpu"]
-Goal = Literal["quick", "multitask", "quality", "smallest", "frozen_base"]
 
 HARDWARE: dict[str, str] = {
     "cpu": "CPU only",
@@ -40,7 +43,7 @@ LARGE_DATA = 10_000  # rows; from here on, full fine-tuning pays off when the ha
 
 @dataclass(frozen=True)
 class Advice:
-    method: str  # key of core.config.METHOD_CONFIGS
+    method: str  # a registered method (core.methods.specs)
     method_config: dict[str, Any]
     train: dict[str, Any]  # TrainConfig fields to set
     reasons: list[str]
@@ -48,12 +51,10 @@ class Advice:
 
     @property
     def label(self) -> str:
-        if self.method == "full" and self.train.get("llrd_decay", 1.0) < 1.0:
-            return "LLRD (full fine-tuning with layer-wise lr decay)"
-        return {
-            "full": "full fine-tuning", "lora": "LoRA", "adapter": "Adapter (bottleneck)",
-            "prompt_tuning": "prompt tuning", "prefix_tuning": "prefix tuning",
-        }.get(self.method, self.method)
+        """The registry's label of the method, or of its preset (LLRD for full with llrd_decay < 1)."""
+        s = spec(self.method)
+        preset = s.preset_for(self.method_config, self.train)
+        return preset.label if preset is not None else s.label
 
 
 def _data_note(rows: int) -> str:
@@ -67,7 +68,14 @@ def _data_note(rows: int) -> str:
 
 
 def recommend(rows: int, hardware: Hardware, goal: Goal) -> Advice:
-    """The method to try first for ``rows`` training examples on ``hardware`` with ``goal``, with reasons."""
+    """The method to try first for ``rows`` training examples on ``hardware`` with ``goal``, with reasons, and as
+    alternatives every other registered method that serves ``goal`` (``MethodSpec.goals``)."""
+    advice = _first_choice(rows, hardware, goal)
+    also = [s.label for s in specs().values() if goal in s.goals and s.name != advice.method]
+    return dataclasses.replace(advice, alternatives=also)
+
+
+def _first_choice(rows: int, hardware: Hardware, goal: Goal) -> Advice:
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
         raise ValueError(f"rows = {rows!r} is invalid: must be an integer >= 0")
     if hardware not in HARDWARE:
@@ -78,53 +86,53 @@ def recommend(rows: int, hardware: Hardware, goal: Goal) -> Advice:
     cpu = hardware == "cpu"
 
     if goal == "quick":
-        return Advice("lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, {"lr": 2e-4}, [
+        return Advice("lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, {"lr": spec("lora").lr}, [
             "Seed table: quick experiments and deployment → LoRA.",
             "Only the small A·B matrices train (well under 1% of the parameters), so steps are fast and the "
             "artefact is a few MB; it can be merged into the base for zero-overhead inference.",
             data,
-        ], ["prompt tuning (even smaller, usually weaker)"])
+        ])
 
     if goal == "multitask":
         return Advice("adapter", {"bottleneck": 16 if rows < LARGE_DATA else 64, "placement": "houlsby"},
-                      {"lr": 1e-3 if rows < LARGE_DATA else 5e-4}, [
+                      {"lr": spec("adapter").lr if rows < LARGE_DATA else spec("adapter").lr / 2}, [
             "Seed table: several tasks sharing one model → Adapter.",
             "Each task gets its own small bottleneck module next to one shared, frozen base; switching tasks "
             "means switching modules.",
             data,
-        ], ["LoRA (unmerged, one adapter per task)"])
+        ])
 
     if goal == "smallest":
         if rows < LARGE_DATA or cpu:
-            return Advice("prompt_tuning", {"num_virtual_tokens": 20, "init": "vocab"}, {"lr": 3e-2}, [
+            return Advice("prompt_tuning", {"num_virtual_tokens": 20, "init": "vocab"}, {"lr": spec("prompt_tuning").lr}, [
                 "Seed table: extreme parameter compression → prompt / prefix tuning.",
                 "Prompt tuning trains only m soft token embeddings (m × hidden values: tens of KB); it needs a "
                 "high learning rate.",
                 data,
-            ], ["prefix tuning (more capacity, still tiny)"])
-        return Advice("prefix_tuning", {"num_virtual_tokens": 20, "encoder_hidden": 512}, {"lr": 1e-2}, [
+            ])
+        return Advice("prefix_tuning", {"num_virtual_tokens": 20, "encoder_hidden": 512}, {"lr": spec("prefix_tuning").lr}, [
             "Seed table: extreme parameter compression → prompt / prefix tuning.",
             "With this much data, prefix tuning's key/value prefixes in every layer use it better than an "
             "input-only prompt, and the saved prefix is still tiny.",
             data,
-        ], ["prompt tuning (smaller still)", "P-Tuning v2 (deep prompts without the MLP)"])
+        ])
 
     if goal == "frozen_base":
-        return Advice("lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, {"lr": 2e-4}, [
+        return Advice("lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, {"lr": spec("lora").lr}, [
             "Seed table: base weights must not change → the PEFT family, LoRA first.",
             "LoRA adds B·A beside each frozen weight and never writes to it; keep it unmerged and the base "
             "stays bit-identical.",
             data,
-        ], ["Adapter", "prompt / prefix tuning"])
+        ])
 
     # goal == "quality"
     if rows >= LARGE_DATA and hardware == "large_gpu":
-        return Advice("full", {}, {"lr": 2e-5, "llrd_decay": 0.9}, [
+        return Advice("full", {}, {"lr": spec("full").lr, "llrd_decay": 0.9}, [
             "Seed table: large data and enough compute → full fine-tuning.",
             "Layer-wise lr decay (0.9) keeps the general lower layers stable while the top adapts.",
             data,
             "Full fine-tuning with AdamW needs about 16 bytes per parameter, which this hardware has.",
-        ], ["LoRA on all linear layers, r = 16–64"])
+        ])
     reasons = []
     if rows < LARGE_DATA:
         reasons.append(f"Full fine-tuning pays off with large data (≥ {LARGE_DATA:,} rows); with less it tends to "
@@ -132,8 +140,8 @@ def recommend(rows: int, hardware: Hardware, goal: Goal) -> Advice:
     if hardware != "large_gpu":
         reasons.append(f"Full fine-tuning needs about 16 bytes of memory per parameter with AdamW; on "
                        f"{HARDWARE[hardware]} that is too much for most models.")
-    return Advice("lora", {"r": 16, "alpha": 32.0, "targets": ["all-linear"]}, {"lr": 2e-4}, [
+    return Advice("lora", {"r": 16, "alpha": 32.0, "targets": ["all-linear"]}, {"lr": spec("lora").lr}, [
         "LoRA on every linear layer with a higher rank (16) comes closest to full fine-tuning quality.",
         *reasons,
         data,
-    ], ["full fine-tuning with LLRD, given a large GPU and more data"])
+    ])

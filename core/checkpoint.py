@@ -44,8 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .blocks import model_shape
-from .config import method_config
-from .methods import METHODS, Method, build_method
+from .methods import Method, build_method, method_config, specs
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -120,7 +119,7 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"adapter folder {folder} is corrupt: {name} holds {type(data).__name__}, not an object")
     method = data.get("method")  # data: the sidecar
-    if not isinstance(method, str) or method not in METHODS:
+    if not isinstance(method, str) or method not in specs():
         raise ValueError(f"adapter folder {folder} is corrupt: {SIDECAR} names no known method (got {method!r})")
     return data
 

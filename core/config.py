@@ -1,4 +1,4 @@
-"""Typed, validated configs: one dataclass per method, plus training, data and the whole run.
+"""Typed, validated configs: training, data and the whole run; the base of every method's config.
 
 Every field has a type, a default and a one-line help text (``metadata["help"]``) that the CLI and the
 studio show next to the knob. A bad value raises ``ValueError`` naming the field and what is allowed.
@@ -107,7 +107,8 @@ def _coerce(cls_name: str, name: str, hint: Any, value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Method configs. ``method`` is the registry key in core.methods.METHODS.
+# Method configs live beside their method, one file each in core/methods/ (see core.methods.registry).
+# ``method`` is the registry key.
 
 
 @dataclass
@@ -115,118 +116,11 @@ class MethodConfig(Validated):
     method: ClassVar[str] = ""
 
 
-@dataclass
-class FullConfig(MethodConfig):
-    """Full fine-tuning. LLRD lives in TrainConfig.llrd_decay and applies here too."""
-
-    method: ClassVar[str] = "full"
-    freeze_embeddings: bool = knob(False, "Keep the token (and position) embeddings frozen.")
-    freeze_bottom: int = knob(0, "Freeze the bottom K transformer blocks.", min=0)
-    freeze_modules: list[str] = knob([], "Also freeze modules whose name contains one of these (e.g. 'norm').")
-    unfreeze_every: int = knob(
-        0, "Gradual unfreezing: start with top block + head, unfreeze one more block every k units (0 = off).", min=0
-    )
-    unfreeze_unit: Literal["steps", "epochs"] = knob("steps", "Unit of unfreeze_every.")
-
-
-@dataclass
-class FreezeConfig(MethodConfig):
-    method: ClassVar[str] = "freeze"
-    top_n: int = knob(2, "Train only the top N transformer blocks.", min=1)
-    extra_modules: list[str] = knob(["norm"], "Also train these top-level modules, e.g. 'norm', 'lm_head'.")
-
-
-@dataclass
-class BitFitConfig(MethodConfig):
-    method: ClassVar[str] = "bitfit"
-    targets: list[str] = knob(
-        ["all-linear"],
-        "Linears whose bias is trained ('all-linear' or names like q_proj). Missing biases are added at zero.",
-    )
-    train_norm_bias: bool = knob(True, "Also train existing LayerNorm biases (GPT-2 style models).")
-
-
-@dataclass
-class FishMaskConfig(MethodConfig):
-    method: ClassVar[str] = "fishmask"
-    keep_ratio: float = knob(0.005, "Fraction of all parameters trained: the top-k by Fisher information.", gt=0.0, max=1.0)
-    fisher_batches: int = knob(8, "Batches used to estimate the Fisher information (squared gradients).", min=1)
-
-
-@dataclass
-class LoraConfig(MethodConfig):
-    method: ClassVar[str] = "lora"
-    r: int = knob(8, "Rank of the update B·A.", min=1)
-    alpha: float = knob(16.0, "Scale: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).", gt=0.0)
-    dropout: float = knob(0.0, "Dropout on the LoRA input.", min=0.0, max=0.9)
-    targets: list[str] = knob(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.")
-    rslora: bool = knob(False, "Rank-stabilised scaling alpha/sqrt(r).")
-
-
-@dataclass
-class AdapterConfig(MethodConfig):
-    method: ClassVar[str] = "adapter"
-    bottleneck: int = knob(16, "Bottleneck width r of x + W_up·act(W_down·x).", min=1)
-    placement: Literal["houlsby", "pfeiffer", "attn"] = knob(
-        "houlsby", "houlsby: after attention and FFN; pfeiffer: after FFN only; attn: after attention only."
-    )
-    activation: Literal["relu", "gelu", "silu", "tanh"] = knob("relu", "Non-linearity inside the bottleneck.")
-
-
-@dataclass
-class PromptTuningConfig(MethodConfig):
-    method: ClassVar[str] = "prompt_tuning"
-    num_virtual_tokens: int = knob(20, "Number m of soft tokens prepended to the input.", min=1)
-    init: Literal["random", "vocab", "text"] = knob("vocab", "Initialise from random noise, sampled vocabulary, or a text.")
-    init_text: str = knob("", "Text whose token embeddings initialise the prompt (init='text').")
-
-    def validate(self) -> None:
-        if self.init == "text" and not self.init_text.strip():
-            _fail(type(self).__name__, "init_text", self.init_text, "must be non-empty when init='text'")
-
-
-@dataclass
-class PrefixTuningConfig(MethodConfig):
-    method: ClassVar[str] = "prefix_tuning"
-    num_virtual_tokens: int = knob(20, "Prefix length: key/value slots added in every layer.", min=1)
-    encoder_hidden: int = knob(512, "Hidden size of the reparameterising MLP.", min=1)
-
-
-@dataclass
-class PTuningConfig(MethodConfig):
-    method: ClassVar[str] = "p_tuning"
-    num_virtual_tokens: int = knob(20, "Number m of virtual tokens produced by the prompt encoder.", min=1)
-    encoder_type: Literal["lstm", "mlp"] = knob("mlp", "Prompt encoder: BiLSTM followed by an MLP, or an MLP alone.")
-    encoder_hidden: int = knob(128, "Hidden size of the prompt encoder.", min=1)
-
-
-@dataclass
-class PTuningV2Config(MethodConfig):
-    method: ClassVar[str] = "p_tuning_v2"
-    num_virtual_tokens: int = knob(20, "Deep prompt length in every layer.", min=1)
-
-
-METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
-    c.method: c
-    for c in (
-        FullConfig,
-        FreezeConfig,
-        BitFitConfig,
-        FishMaskConfig,
-        LoraConfig,
-        AdapterConfig,
-        PromptTuningConfig,
-        PrefixTuningConfig,
-        PTuningConfig,
-        PTuningV2Config,
-    )
-}
-
-
 def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
-    if name not in METHOD_CONFIGS:
-        _fail("RunConfig", "method", name, f"choose one of {', '.join(METHOD_CONFIGS)}")
-    return METHOD_CONFIGS[name].from_dict(values)
+    """The typed config of method ``name`` (the registry in core.methods owns the config classes)."""
+    from .methods.registry import method_config as from_registry
+
+    return from_registry(name, values)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,7 +166,7 @@ class RunConfig:
     """Everything a worker needs to train one run. Written to <run>/config.yaml."""
 
     model: str = DEFAULT_MODEL
-    method: MethodConfig = field(default_factory=lambda: LoraConfig())
+    method: MethodConfig = field(default_factory=lambda: method_config("lora"))
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     name: str = ""

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from .blocks import model_shape
 from .checkpoint import ADAPTER_WEIGHTS, check_base, read_sidecar
-from .config import Validated, knob, method_config
+from .config import Validated, knob
 from .data import chat_prompt
-from .methods import Method, build_method
+from .methods import Method, build_method, method_config
 from .methods.virtual_tokens import decode_step, prefill
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")

@@ -69,7 +69,6 @@ import signal
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -91,8 +90,10 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import LengthGroupedBatches, load_examples, split
 from .forward import piece_budget, pieces, supervised_loss
-from .methods import Method, build_method
-from .models import load_model, load_model_config, load_tokenizer, resolve_device, shape_model
+from .methods import Method, build_method, spec
+from .methods.base import RunPlan
+from .models import load_model, load_tokenizer, resolve_device
+from .preflight import preflight
 from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_groups
 
 STOP_FILE = "STOP"
@@ -146,12 +147,17 @@ def train(
         model.requires_grad_(False)
 
         torch.manual_seed(tc.seed)  # the method's init does not depend on what loading drew from the RNG
-        method = build_method(cfg.method)
-        if hasattr(method, "tokenizer"):
-            method.tokenizer = tokenizer  # prompt tuning's init='text' tokenizes its text
+        method = build_method(cfg.method, tokenizer=tokenizer)
         method.apply(model)
-        model.eval()  # no dropout (and no RNG draws) while FishMask estimates the Fisher information
-        method.prepare(model, _fisher_batches(batches, device), _mean_loss_fn(model, method))  # FishMask only
+        micro_per_step = tc.grad_accum * world.world_size
+        n_micro = len(batches)
+        if tc.max_steps > 0:
+            total_steps = tc.max_steps
+        else:
+            total_steps = max(1, math.ceil(tc.epochs * n_micro / micro_per_step))
+        model.eval()  # no dropout (and no RNG draws) in a method's preparation pass (FishMask's Fisher, FAR's priming)
+        plan = RunPlan(total_steps=total_steps, lr=tc.lr, weight_decay=tc.weight_decay)
+        method.prepare(model, _training_batches(batches, device), _mean_loss_fn(model, method), plan)
         trainable = method.trainable_parameters(model)
         amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
         if amp:  # bf16 base, fp32 trainable weights and optimiser state, bf16 autocast compute
@@ -163,12 +169,6 @@ def train(
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_labels = _grad_norm_labels(model, optimizer, num_layers)  # [(label, [params])]
 
-        micro_per_step = tc.grad_accum * world.world_size
-        n_micro = len(batches)
-        if tc.max_steps > 0:
-            total_steps = tc.max_steps
-        else:
-            total_steps = max(1, math.ceil(tc.epochs * n_micro / micro_per_step))
 
         start_step, consumed, elapsed_before, resumed_from = 0, 0, 0.0, None
         ckpt = latest_checkpoint(run_dir) if resume else None
@@ -362,32 +362,7 @@ def train(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Before and after: checking a config against the model, known failures, runs whose worker died
-
-
-def preflight(cfg: RunConfig, model: nn.Module | None = None) -> None:
-    """Check ``cfg`` against the base model's shape without loading any weights, and raise ValueError naming
-    the field when it does not fit: a LoRA rank above a targeted layer's size, a target module the model does
-    not have (the message lists those it has), more virtual tokens than the context, more frozen/trained blocks
-    than the model has. Reads only the model's config (or ``model.config``); takes well under a second.
-
-    ``train`` calls it first; the CLI and the studio can call it before queuing a run."""
-    config = getattr(model, "config", None) if model is not None else load_model_config(cfg.model)
-    if config is None:
-        return
-    try:
-        empty = shape_model(config)  # every tensor on the meta device
-    except Exception:  # noqa: BLE001 - a model from_config cannot build: the real apply checks it later
-        return
-    method = build_method(cfg.method)
-    try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            method.apply(empty)
-    except ValueError:
-        raise
-    except Exception:  # noqa: BLE001 - what a meta tensor cannot do (copy data) is not a config problem
-        pass
+# After: known failures, runs whose worker died
 
 
 def run_failure(e: BaseException, cfg: RunConfig, where: str, device: torch.device) -> str | None:
@@ -405,7 +380,7 @@ def run_failure(e: BaseException, cfg: RunConfig, where: str, device: torch.devi
             tips.append("grad_checkpointing=true")
         if tc.max_len > 128:
             tips.append(f"a shorter max_len (now {tc.max_len})")
-        if cfg.method_name in ("full", "freeze", "fishmask"):
+        if spec(cfg.method_name).trains_base:
             tips.append(f"a PEFT method such as lora instead of {cfg.method_name}")
         else:
             tips.append("a lighter PEFT method or a smaller rank")
@@ -554,7 +529,7 @@ def evaluate(loss_module: nn.Module, val_batches: LengthGroupedBatches, device, 
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _fisher_batches(batches: LengthGroupedBatches, device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def _training_batches(batches: LengthGroupedBatches, device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     for b in batches.epoch(0):
         yield b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
 
@@ -743,5 +718,5 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-__all__ = ["train", "preflight", "recover_status", "run_failure", "evaluate", "LossModule", "StopRequest",
+__all__ = ["train", "recover_status", "run_failure", "evaluate", "LossModule", "StopRequest",
            "STOP_FILE"]

@@ -1,9 +1,8 @@
 """Before a run starts: trainable / total parameters on the real model shape, and a peak-memory estimate.
 
-The method is applied to the model built on PyTorch's ``meta`` device (shapes only, no weights, ~0.1 s), so
-the count is exact and config errors (a target module that does not exist, a rank above the hidden size) show
-up before any work starts. Full fine-tuning and Freeze keep copies of the original weights, which a meta
-tensor cannot give, so for them the count comes from their parameter selection (``select``) alone.
+The method is applied to the model built on PyTorch's ``meta`` device by core.preflight.dry_run (shapes only,
+no weights, ~0.1 s), so the count is exact and config errors (a target module that does not exist, a rank
+above the hidden size) show up before any work starts.
 
 Peak memory (an estimate, shown as such):
     weights      total · bytes/param                (fp32 on CPU, bf16 on a GPU that supports it)
@@ -23,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.blocks import model_shape
-from core.config import FreezeConfig, FullConfig, MethodConfig, TrainConfig
-from core.methods import build_method
-from core.models import resolve_model_path
+from core.config import MethodConfig, TrainConfig
+from core.methods import spec_of
+from core.models import ModelNotFoundError, load_model_config
+from core.preflight import dry_run
 
 GB = 1024**3
 
@@ -67,54 +66,23 @@ class Estimator:
         self._lock = threading.Lock()
 
     def model_config(self, model: str):
-        from transformers import AutoConfig
-
         with self._lock:
             if model not in self._configs:
                 try:
-                    self._configs[model] = AutoConfig.from_pretrained(resolve_model_path(model))
-                except Exception as e:  # noqa: BLE001 - one sentence for the user
-                    raise ValueError(
-                        f"Model '{model}': cannot read its configuration (not a local folder, and not reachable on the "
-                        f"Hugging Face Hub): {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
-                    ) from None
+                    self._configs[model] = load_model_config(model)
+                except ModelNotFoundError as e:
+                    raise ValueError(str(e)) from None
             return self._configs[model]
-
-    def count(self, model: str, method_cfg: MethodConfig) -> tuple[int, int, nn.Module]:
-        """(trainable, total, meta model with the method applied, or the bare meta model for full/freeze)."""
-        from transformers import AutoModelForCausalLM
-
-        config = self.model_config(model)
-        with torch.device("meta"):
-            m = AutoModelForCausalLM.from_config(config)
-        m.requires_grad_(False)
-        method = build_method(method_cfg)
-        if isinstance(method_cfg, (FullConfig, FreezeConfig)):  # in-place methods: their selection, no copies
-            names = method.select(m)  # type: ignore[attr-defined]
-            if not names:
-                raise ValueError(f"{type(method_cfg).__name__}: this configuration trains no parameter of the model")
-            params = dict(m.named_parameters())
-            return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values()), m
-        with torch.device("meta"):
-            method.apply(m)  # raises ValueError naming the field when the config does not fit the model
-        trainable, total = method.parameter_counts(m)
-        return trainable, total, m
 
     def estimate(self, model: str, method_cfg: MethodConfig, train: TrainConfig, seq_len: int | None = None,
                  device: str = "cpu") -> Estimate:
-        trainable, total, m = self.count(model, method_cfg)
-        if trainable == 0:
-            raise ValueError(f"{type(method_cfg).__name__}: this configuration trains no parameters")
-        shape = model_shape(m)
-        virtual = int(getattr(method_cfg, "num_virtual_tokens", 0) or 0)
-        if virtual and virtual + min(train.max_len, seq_len or train.max_len) > shape.max_positions:
-            raise ValueError(
-                f"{type(method_cfg).__name__}.num_virtual_tokens = {virtual} is invalid: with max_len "
-                f"{train.max_len} the sequence exceeds the model's context of {shape.max_positions} tokens"
-            )
+        seq = min(train.max_len, seq_len or train.max_len)
+        run = dry_run(self.model_config(model), method_cfg, seq)  # ValueError names the field
+        trainable, total, shape, m = run.trainable, run.total, run.shape, run.model
+        virtual = int(getattr(method_cfg, "num_virtual_tokens", 0) or 0) if spec_of(method_cfg).virtual_tokens else 0
         ff = int(getattr(m.config, "intermediate_size", None) or 4 * shape.hidden_size)
         bytes_per = 2 if device == "cuda" else 4
-        t = min(train.max_len, seq_len or train.max_len) + virtual
+        t = seq + virtual
         b, d, layers = train.batch_size, shape.hidden_size, shape.num_layers
         if train.grad_checkpointing:
             acts = b * t * layers * d * bytes_per + b * t * (34 * d + 6 * ff) * bytes_per // 2

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from core.checkpoint import SIDECAR, export_merged, load_adapter, read_sidecar
-from core.methods import method_class
+from core.methods import spec
 
 from .paths import inside
 from .store import Run
@@ -23,7 +23,7 @@ def slug(name: str) -> str:
 
 def can_merge(run: Run) -> bool:
     try:
-        return bool(method_class(run.method).can_merge)
+        return bool(spec(run.method).can_merge)
     except ValueError:
         return False
 
@@ -75,7 +75,7 @@ def loading_snippet(run: Run, merged_folder: Path | None = None) -> str:
             f'tokenizer = AutoTokenizer.from_pretrained("{merged_folder}")\n'
         )
     try:
-        peft_type = method_class(run.method).peft_type
+        peft_type = spec(run.method).peft_type
     except ValueError:
         peft_type = None
     if peft_type:

@@ -1,8 +1,8 @@
-"""The Train tab's method menu (twelve entries over ten core methods) and widgets built from config help texts.
+"""The Train tab's method menu and the widgets built from config help texts.
 
-Three entries share the core method ``full``: plain full fine-tuning, LLRD (full + TrainConfig.llrd_decay) and
-layer-wise unfreezing (full + FullConfig.unfreeze_every). Every knob's one-line help comes from the config
-dataclass field (``Cls.help()``); the units are added here.
+The menu is core's method registry (core.methods.menu): every registered method, each followed by its presets
+(for example LLRD = full + TrainConfig.llrd_decay, layer-wise unfreezing = full + FullConfig.unfreeze_every).
+Every knob's one-line help comes from the config dataclass field (``Cls.help()``); the units are added here.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from typing import Any, Literal, get_args, get_type_hints
 
 import gradio as gr
 
-from core.config import METHOD_CONFIGS, RunConfig, TrainConfig
+from core.config import RunConfig, TrainConfig
+from core.methods import menu, spec
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One item of the Train tab's method menu: a registered method, or one of its presets."""
+
     key: str
     label: str
     method: str  # core method name
@@ -28,33 +31,17 @@ class Entry:
     blurb: str = ""
 
 
-ENTRIES: list[Entry] = [
-    Entry("lora", "LoRA", "lora", ("r", "alpha", "dropout", "targets", "rslora"), lr=2e-4,
-          blurb="Low-rank update B·A beside each frozen weight: y = W₀x + (α/r)·B·A·x. Small, mergeable."),
-    Entry("full", "Full fine-tuning", "full", ("freeze_embeddings", "freeze_bottom", "freeze_modules"), lr=2e-5,
-          blurb="Every weight trains. Best with lots of data and memory; the result is a whole model."),
-    Entry("llrd", "LLRD (full + layer-wise lr decay)", "full", ("freeze_embeddings",), train={"llrd_decay": 0.9},
-          lr=5e-5, blurb="Full fine-tuning where block l gets lr·decay^(L−l−1): the top learns fastest, the bottom barely moves."),
-    Entry("layerwise", "Layer-wise unfreezing (full, gradual)", "full", ("unfreeze_every", "unfreeze_unit"),
-          defaults={"unfreeze_every": 10}, lr=5e-5,
-          blurb="Start with the top block + head, release one more block downward every k steps or epochs."),
-    Entry("freeze", "Freeze (train the top N blocks)", "freeze", ("top_n", "extra_modules"), lr=1e-4,
-          blurb="Partial fine-tuning: only the top N blocks (and optional modules) train."),
-    Entry("bitfit", "BitFit (bias terms only)", "bitfit", ("targets", "train_norm_bias"), lr=1e-3,
-          blurb="Only biases train; Llama-style linears without a bias get a zero-initialised one."),
-    Entry("fishmask", "FishMask (top-k% by Fisher information)", "fishmask", ("keep_ratio", "fisher_batches"), lr=1e-4,
-          blurb="Train the parameters with the largest squared gradients; every other gradient is masked."),
-    Entry("adapter", "Adapter (bottleneck)", "adapter", ("bottleneck", "placement", "activation"), lr=1e-3,
-          blurb="x + W_up·act(W_down·x) inserted after attention and/or FFN; starts as the identity."),
-    Entry("prompt_tuning", "Prompt tuning", "prompt_tuning", ("num_virtual_tokens", "init", "init_text"), lr=3e-2,
-          blurb="m trainable soft tokens in front of the input; the model itself is untouched."),
-    Entry("prefix_tuning", "Prefix tuning", "prefix_tuning", ("num_virtual_tokens", "encoder_hidden"), lr=1e-2,
-          blurb="Trainable key/value prefixes in every layer, produced by an MLP while training."),
-    Entry("p_tuning", "P-Tuning v1", "p_tuning", ("num_virtual_tokens", "encoder_type", "encoder_hidden"), lr=1e-2,
-          blurb="Input-layer virtual tokens produced by a prompt encoder (LSTM+MLP or MLP)."),
-    Entry("p_tuning_v2", "P-Tuning v2 (deep prompts)", "p_tuning_v2", ("num_virtual_tokens",), lr=1e-2,
-          blurb="Prompts in every layer, trained directly (no reparameterisation)."),
-]
+def _entries() -> list[Entry]:
+    out = []
+    for key, (s, p) in menu().items():
+        if p is None:
+            out.append(Entry(key, s.label, s.name, s.knobs, lr=s.lr, blurb=s.blurb))
+        else:
+            out.append(Entry(key, p.label, s.name, p.fields, dict(p.method), dict(p.train), p.lr, p.blurb))
+    return out
+
+
+ENTRIES: list[Entry] = _entries()
 BY_KEY = {e.key: e for e in ENTRIES}
 
 UNITS = {
@@ -113,7 +100,7 @@ def widget(cls: type, name: str, value: Any = dataclasses.MISSING, **kw: Any) ->
 
 def entry_widgets(entry: Entry, **kw: Any) -> list[tuple[str, gr.Component]]:
     """Build the knob widgets of one entry (inside the caller's layout). Returns [(field, widget)]."""
-    cls = METHOD_CONFIGS[entry.method]
+    cls = spec(entry.method).config_cls
     out = [(name, widget(cls, name, entry.defaults.get(name, dataclasses.MISSING), **kw)) for name in entry.fields]
     for name, value in entry.train.items():
         out.append((f"train.{name}", widget(TrainConfig, name, value, **kw)))
@@ -137,7 +124,7 @@ def build_config(
     entry = BY_KEY.get(entry_key)
     if entry is None:
         raise ValueError(f"Method: choose one of {', '.join(e.label for e in ENTRIES)}")
-    cls = METHOD_CONFIGS[entry.method]
+    cls = spec(entry.method).config_cls
     hints = get_type_hints(cls)
     values: dict[str, Any] = dict(entry.defaults)
     train = {k: v for k, v in train_values.items()}
@@ -163,12 +150,8 @@ def build_config(
 
 def entry_for(method: str, method_cfg: dict[str, Any], train: dict[str, Any]) -> str:
     """The menu entry of a (core method, knobs) pair, e.g. full + llrd_decay 0.9 -> 'llrd'."""
-    if method == "full":
-        if float(train.get("llrd_decay", 1.0)) < 1.0:
-            return "llrd"
-        if int(method_cfg.get("unfreeze_every", 0) or 0) > 0:
-            return "layerwise"
-    return method
+    preset = spec(method).preset_for(method_cfg, train)
+    return preset.key if preset is not None else method
 
 
 __all__ = ["BY_KEY", "ENTRIES", "Entry", "build_config", "entry_for", "entry_widgets", "widget"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from core.blocks import model_shape
 from core.checkpoint import load_adapter
-from core.config import AdapterConfig
+from core.methods.adapter import AdapterConfig
 from core.forward import logits
 from core.methods import build_method
 from core.methods.adapter import AdapterMethod

@@ -24,7 +24,8 @@ import core.train as train_mod
 from core.__main__ import main
 from core.config import RunConfig
 from core.generate import GenerationSettings, stream
-from core.train import preflight, train
+from core.preflight import preflight
+from core.train import train
 from test_cli import ROOT, cli, tiny  # noqa: F401 - tiny: the module fixture (tiny model folder, qa.json)
 from test_train import tiny_lm, tokenizer
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from core.blocks import model_shape
 from core.checkpoint import load_adapter
-from core.config import BitFitConfig
+from core.methods.bitfit import BitFitConfig
 from core.forward import logits
 from core.methods import build_method
 from core.methods.bitfit import BitFitMethod

@@ -206,7 +206,8 @@ def test_upload_train_watch_chat_export(page, studio, tmp_path):
 
 def test_reload_reattaches_to_running_job(page, studio):
     ctx, url, model = studio
-    from core.config import DataConfig, LoraConfig, RunConfig, TrainConfig
+    from core.config import DataConfig, RunConfig, TrainConfig
+    from core.methods.lora import LoraConfig
 
     cfg = RunConfig(model=model, method=LoraConfig(r=4), train=TrainConfig(max_steps=2000, batch_size=2, max_len=64),
                     data=DataConfig(path=str(ROOT / "assets" / "identity_sample.json")))

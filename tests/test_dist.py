@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.config import DataConfig, LoraConfig, RunConfig, TrainConfig
+from core.config import DataConfig, RunConfig, TrainConfig
+from core.methods.lora import LoraConfig
 from core.models import load_model
 from core.train import train
 from test_train import save_tiny_lm, write_qa

@@ -27,7 +27,7 @@ import core.checkpoint as ckpt_mod
 import core.train as train_mod
 from core.__main__ import main
 from core.checkpoint import latest_checkpoint, list_checkpoints, load_adapter, save_adapter
-from core.config import LoraConfig
+from core.methods.lora import LoraConfig
 from core.methods import build_method
 from core.train import recover_status
 from test_cli import ROOT, tiny  # noqa: F401 - the module fixture: (tiny model folder, qa.json)

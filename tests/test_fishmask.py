@@ -3,7 +3,8 @@ import torch
 from safetensors.torch import load_file
 
 from core.checkpoint import ADAPTER_WEIGHTS, load_adapter
-from core.config import FishMaskConfig, method_config
+from core.config import method_config
+from core.methods.fishmask import FishMaskConfig
 from core.forward import logits, supervised_loss
 from core.methods import build_method
 from core.methods.fishmask import FishMaskMethod

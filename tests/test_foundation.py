@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from core.blocks import depth_map, find_blocks, model_shape
-from core.config import LoraConfig, RunConfig, TrainConfig, method_config
+from core.config import RunConfig, TrainConfig, method_config
+from core.methods.lora import LoraConfig
 from core.models import ModelNotFoundError, load_model, resolve_device
 from tiny import tiny_gpt2, tiny_llama
 

@@ -4,7 +4,8 @@ from safetensors.torch import load_file
 
 from core.blocks import depth_map
 from core.checkpoint import ADAPTER_WEIGHTS, load_adapter
-from core.config import FreezeConfig, method_config
+from core.config import method_config
+from core.methods.freeze import FreezeConfig
 from core.forward import logits, supervised_loss
 from core.methods import build_method
 from core.schedules import apply_unfreezing, param_groups

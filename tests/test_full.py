@@ -3,7 +3,8 @@ import torch
 
 from core.blocks import depth_map
 from core.checkpoint import load_adapter
-from core.config import FullConfig, method_config
+from core.config import method_config
+from core.methods.full import FullConfig
 from core.forward import logits, supervised_loss
 from core.methods import build_method
 from core.schedules import apply_unfreezing, lr_multiplier, param_groups

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from core.config import LoraConfig, RunConfig, TrainConfig
+from core.config import RunConfig, TrainConfig
+from core.methods.lora import LoraConfig
 from studio.jobs import JobQueue, outcome, worker_command
 from studio.metrics import MetricsTail, log_tail, summarize
 from studio.store import RunStore

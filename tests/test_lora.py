@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from core.blocks import model_shape
 from core.checkpoint import load_adapter
-from core.config import LoraConfig
+from core.methods.lora import LoraConfig
 from core.forward import logits
 from core.methods import build_method
 from core.methods.lora import LoraLinear, LoraMethod

@@ -9,7 +9,11 @@ import torch
 
 from core.blocks import depth_map, model_shape
 from core.checkpoint import load_adapter, save_adapter
-from core.config import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config, method_config
+from core.config import method_config
+from core.methods.prefix_tuning import PrefixTuningConfig
+from core.methods.prompt_tuning import PromptTuningConfig
+from core.methods.p_tuning import PTuningConfig
+from core.methods.p_tuning_v2 import PTuningV2Config
 from core.forward import logits, supervised_loss
 from core.methods import build_method
 from core.methods.virtual_tokens import decode_step, prefill

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from core.config import LoraConfig, RunConfig, TrainConfig
+from core.config import RunConfig, TrainConfig
+from core.methods.lora import LoraConfig
 from studio.paths import UnsafePathError, clean_name, inside
 from studio.store import RunStore
 

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.checkpoint import list_checkpoints, load_adapter
-from core.config import DataConfig, FullConfig, LoraConfig, RunConfig, TrainConfig, method_config
+from core.config import DataConfig, RunConfig, TrainConfig, method_config
+from core.methods.full import FullConfig
+from core.methods.lora import LoraConfig
 from core.forward import logits
 from core.models import load_tokenizer
 from core.schedules import lr_multiplier

@@ -25,13 +25,15 @@ the adapted model.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..blocks import find_blocks, model_shape
-from ..config import AdapterConfig
+from ..config import MethodConfig, knob
+from .registry import MethodSpec, register
 from .base import Method, check_tensors, copy_into
 from .lora import replace_module
 
@@ -39,6 +41,17 @@ ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 FORMAT = "peft_studio.bottleneck_adapter"
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    method: ClassVar[str] = "adapter"
+    bottleneck: int = knob(16, "Bottleneck width r of x + W_up·act(W_down·x).", min=1)
+    placement: Literal["houlsby", "pfeiffer", "attn"] = knob(
+        "houlsby", "houlsby: after attention and FFN; pfeiffer: after FFN only; attn: after attention only."
+    )
+    activation: Literal["relu", "gelu", "silu", "tanh"] = knob("relu", "Non-linearity inside the bottleneck.")
+
 
 
 class Bottleneck(nn.Module):
@@ -155,3 +168,10 @@ class AdapterMethod(Method):
         for wrapper in self.wrappers(model).values():
             wrapper.enabled = enabled
         self.enabled = enabled
+
+
+register(MethodSpec(
+    name="adapter", label="Adapter (bottleneck)", family="additive", lr=1e-3, goals=("multitask", "frozen_base"),
+    blurb="x + W_up·act(W_down·x) inserted after attention and/or FFN; starts as the identity.",
+    config_cls=AdapterConfig, method_cls=AdapterMethod,
+))

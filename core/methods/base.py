@@ -18,12 +18,22 @@ Every other method changes modules inside the model and leaves the inputs alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a method's ``prepare`` may need to know about the run ahead."""
+
+    total_steps: int  # optimiser steps of the run
+    lr: float  # peak learning rate
+    weight_decay: float = 0.0
 
 
 class Method:
@@ -87,8 +97,10 @@ class Method:
         Only for ``can_merge`` methods."""
         raise NotImplementedError(f"{self.name} cannot be merged into the base model")
 
-    def prepare(self, model: nn.Module, batches, loss_fn) -> None:
-        """Called once before training with an iterable of batches and ``loss_fn(batch) -> loss`` (FishMask)."""
+    def prepare(self, model: nn.Module, batches, loss_fn, plan: RunPlan) -> None:
+        """Called once before the optimiser is built, with an iterable of training batches (input_ids,
+        attention_mask, labels), ``loss_fn(batch) -> mean loss`` and the run's plan. FishMask estimates its
+        Fisher information here; FAR primes its FFNs and picks its learner units."""
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (FishMask re-imposes its mask here)."""
@@ -133,6 +145,11 @@ def check_tensors(expected: dict[str, tuple[int, ...]], got: dict[str, Tensor], 
     for k, shape in expected.items():
         if tuple(got[k].shape) != tuple(shape):
             raise ValueError(f"{what} does not match this model: {k} has shape {tuple(got[k].shape)}, expected {tuple(shape)}")
+
+
+def snapshot(t: Tensor) -> Tensor:
+    """A CPU copy of ``t``; on the meta device (a dry run, core.preflight) a meta copy, which has no data to move."""
+    return t.detach().clone() if t.is_meta else t.detach().to("cpu", copy=True)
 
 
 @torch.no_grad()

@@ -19,21 +19,34 @@ and ``peft_type`` of the method instance is None.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..blocks import find_blocks
-from ..config import BitFitConfig
+from ..config import MethodConfig, knob
 from .adapter import ATTENTION_NAMES, MLP_NAMES
-from .base import Method, check_tensors, copy_into
+from .registry import MethodSpec, register
+from .base import Method, check_tensors, copy_into, snapshot
 from .lora import PEFT_PREFIX, find_linears, linear_shape
 
 FORMAT = "peft_studio.bitfit"
 #: config switch of a Llama-style model that gives every linear in that part of a block a bias
 BIAS_SWITCHES = {"attention_bias": ATTENTION_NAMES, "mlp_bias": MLP_NAMES}
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    method: ClassVar[str] = "bitfit"
+    targets: list[str] = knob(
+        ["all-linear"],
+        "Linears whose bias is trained ('all-linear' or names like q_proj). Missing biases are added at zero.",
+    )
+    train_norm_bias: bool = knob(True, "Also train existing LayerNorm biases (GPT-2 style models).")
+
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -82,7 +95,7 @@ class BitFitMethod(Method):
                 m.bias = nn.Parameter(torch.zeros(linear_shape(m)[1], device=w.device, dtype=w.dtype))
                 self._added[path] = m.bias
             else:
-                self._original[path] = m.bias.detach().to("cpu", copy=True)
+                self._original[path] = snapshot(m.bias)
             m.bias.requires_grad_(True)
         self.paths = list(modules)
         self.enabled = True
@@ -215,3 +228,10 @@ class BitFitMethod(Method):
                     if type(m) is nn.Linear and m.bias is None:
                         zero_biases.append(f"{blocks_path}.{i}.{child_name}.{name}")
         return switches, zero_biases
+
+
+register(MethodSpec(
+    name="bitfit", label="BitFit (bias terms only)", family="selective", lr=1e-3, goals=("smallest",),
+    blurb="Only biases train; Llama-style linears without a bias get a zero-initialised one.",
+    config_cls=BitFitConfig, method_cls=BitFitMethod,
+))

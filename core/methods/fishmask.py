@@ -27,13 +27,15 @@ Loading writes the values in place (exact, no float addition). Merging is a no-o
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import FishMaskConfig
-from .base import Method
+from ..config import MethodConfig, knob
+from .registry import MethodSpec, register
+from .base import Method, RunPlan
 
 INDICES, VALUES = ".indices", ".values"
 
@@ -41,6 +43,14 @@ NO_MASK = (
     "FishMask has no mask yet: call method.prepare(model, batches, loss_fn) before training (it estimates the "
     "Fisher information on the first fisher_batches batches), or load a saved FishMask adapter"
 )
+
+
+@dataclass
+class FishMaskConfig(MethodConfig):
+    method: ClassVar[str] = "fishmask"
+    keep_ratio: float = knob(0.005, "Fraction of all parameters trained: the top-k by Fisher information.", gt=0.0, max=1.0)
+    fisher_batches: int = knob(8, "Batches used to estimate the Fisher information (squared gradients).", min=1)
+
 
 
 class FishMaskMethod(Method):
@@ -88,7 +98,7 @@ class FishMaskMethod(Method):
         model.requires_grad_(False)
         self._masks, self._originals, self._stash = None, {}, None
 
-    def prepare(self, model: nn.Module, batches, loss_fn) -> None:
+    def prepare(self, model: nn.Module, batches, loss_fn, plan: RunPlan | None = None) -> None:
         """Estimate the diagonal Fisher on ``fisher_batches`` batches and fix the global top-k mask."""
         if self._masks is not None:
             return
@@ -250,3 +260,11 @@ class FishMaskMethod(Method):
 
 
 __all__ = ["FishMaskMethod"]
+
+
+register(MethodSpec(
+    name="fishmask", label="FishMask (top-k% by Fisher information)", family="selective", lr=1e-4,
+    trains_base=True, prepares=True,
+    blurb="Train the parameters with the largest squared gradients; every other gradient is masked.",
+    config_cls=FishMaskConfig, method_cls=FishMaskMethod,
+))

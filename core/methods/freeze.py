@@ -11,11 +11,22 @@ weights are trained in place. Enable/disable, remove and bake come from full.InP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
 from torch import nn
 
 from ..blocks import depth_map, find_blocks
-from ..config import FreezeConfig
+from ..config import MethodConfig, knob
+from .registry import MethodSpec, register
 from .full import InPlaceMethod
+
+
+@dataclass
+class FreezeConfig(MethodConfig):
+    method: ClassVar[str] = "freeze"
+    top_n: int = knob(2, "Train only the top N transformer blocks.", min=1)
+    extra_modules: list[str] = knob(["norm"], "Also train these top-level modules, e.g. 'norm', 'lm_head'.")
+
 
 
 def top_level_modules(model: nn.Module) -> dict[str, list[str]]:
@@ -64,3 +75,10 @@ class FreezeMethod(InPlaceMethod):
 
 
 __all__ = ["FreezeMethod", "top_level_modules"]
+
+
+register(MethodSpec(
+    name="freeze", label="Freeze (train the top N blocks)", family="selective", lr=1e-4, trains_base=True,
+    blurb="Partial fine-tuning: only the top N blocks (and optional modules) train.",
+    config_cls=FreezeConfig, method_cls=FreezeMethod,
+))

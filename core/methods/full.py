@@ -25,14 +25,31 @@ since the weights already are the fine-tuned model.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, ClassVar
 
 from torch import Tensor, nn
 
 from ..blocks import depth_map, find_blocks
-from ..config import FullConfig
+from ..config import MethodConfig, knob
 from ..schedules import unfrozen_from
-from .base import Method, check_tensors, copy_into
+from .registry import MethodSpec, Preset, register
+from .base import Method, check_tensors, copy_into, snapshot
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    """Full fine-tuning. LLRD lives in TrainConfig.llrd_decay and applies here too."""
+
+    method: ClassVar[str] = "full"
+    freeze_embeddings: bool = knob(False, "Keep the token (and position) embeddings frozen.")
+    freeze_bottom: int = knob(0, "Freeze the bottom K transformer blocks.", min=0)
+    freeze_modules: list[str] = knob([], "Also freeze modules whose name contains one of these (e.g. 'norm').")
+    unfreeze_every: int = knob(
+        0, "Gradual unfreezing: start with top block + head, unfreeze one more block every k units (0 = off).", min=0
+    )
+    unfreeze_unit: Literal["steps", "epochs"] = knob("steps", "Unit of unfreeze_every.")
+
 
 
 def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -70,7 +87,7 @@ class InPlaceMethod(Method):
             raise ValueError(f"{type(self.config).__name__}: this configuration trains no parameter of the model")
         params = dict(model.named_parameters())
         model.requires_grad_(False)
-        self._originals = {n: params[n].detach().to("cpu", copy=True) for n in names}
+        self._originals = {n: snapshot(params[n]) for n in names}
         self._stash = None
         self.enabled = True
         for n in names:
@@ -95,7 +112,7 @@ class InPlaceMethod(Method):
             return
         params = dict(model.named_parameters())
         if not enabled:  # keep the trained weights aside, put the base back
-            self._stash = {n: params[n].detach().to("cpu", copy=True) for n in originals}
+            self._stash = {n: snapshot(params[n]) for n in originals}
             for n, t in originals.items():
                 copy_into(params[n], t)
         else:
@@ -187,3 +204,19 @@ class FullMethod(InPlaceMethod):
 
 
 __all__ = ["FullMethod", "InPlaceMethod", "parameter_aliases"]
+
+
+register(MethodSpec(
+    name="full", label="Full fine-tuning", family="full", lr=2e-5, trains_base=True, goals=("quality",),
+    blurb="Every weight trains. Best with lots of data and memory; the result is a whole model.",
+    config_cls=FullConfig, method_cls=FullMethod, fields=("freeze_embeddings", "freeze_bottom", "freeze_modules"),
+    presets=(
+        Preset("llrd", "LLRD (full + layer-wise lr decay)", lr=5e-5, fields=("freeze_embeddings",),
+               train={"llrd_decay": 0.9},
+               blurb="Full fine-tuning where block l gets lr·decay^(L−l−1): the top learns fastest, the bottom barely "
+                     "moves."),
+        Preset("layerwise", "Layer-wise unfreezing (full, gradual)", lr=5e-5, fields=("unfreeze_every", "unfreeze_unit"),
+               method={"unfreeze_every": 10},
+               blurb="Start with the top block + head, release one more block downward every k steps or epochs."),
+    ),
+))

@@ -22,15 +22,17 @@ and adapter_config.json is PEFT's LoraConfig, so ``peft.PeftModel.from_pretraine
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..blocks import find_blocks
-from ..config import LoraConfig
+from ..config import MethodConfig, knob
+from .registry import MethodSpec, register
 from .base import Method, check_tensors, copy_into
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -38,6 +40,17 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 
 
 # ---- helpers shared with other module-level methods (BitFit imports these) ---------------------------------
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    method: ClassVar[str] = "lora"
+    r: int = knob(8, "Rank of the update B·A.", min=1)
+    alpha: float = knob(16.0, "Scale: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).", gt=0.0)
+    dropout: float = knob(0.0, "Dropout on the LoRA input.", min=0.0, max=0.9)
+    targets: list[str] = knob(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.")
+    rslora: bool = knob(False, "Rank-stabilised scaling alpha/sqrt(r).")
+
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -240,3 +253,10 @@ class LoraMethod(Method):
         for path, layer in self.layers(model).items():
             replace_module(model, path, layer.base_layer)
         model.requires_grad_(False)
+
+
+register(MethodSpec(
+    name="lora", label="LoRA", family="reparameterised", lr=2e-4, goals=("quick", "frozen_base", "quality"),
+    blurb="Low-rank update B·A beside each frozen weight: y = W₀x + (α/r)·B·A·x. Small, mergeable.",
+    config_cls=LoraConfig, method_cls=LoraMethod,
+))

@@ -17,16 +17,27 @@ Saved as PEFT ``P_TUNING``: ``prompt_embeddings`` (m, d) = the encoder output P.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..blocks import ModelShape
-from ..config import PTuningConfig
+from ..config import MethodConfig, knob
+from .registry import MethodSpec, register
 from .virtual_tokens import PromptMethod, adapter_placement
 
 LSTM_LAYERS = 2  # PEFT's encoder_num_layers default; fixed here
+
+
+@dataclass
+class PTuningConfig(MethodConfig):
+    method: ClassVar[str] = "p_tuning"
+    num_virtual_tokens: int = knob(20, "Number m of virtual tokens produced by the prompt encoder.", min=1)
+    encoder_type: Literal["lstm", "mlp"] = knob("mlp", "Prompt encoder: BiLSTM followed by an MLP, or an MLP alone.")
+    encoder_hidden: int = knob(128, "Hidden size of the prompt encoder.", min=1)
+
 
 
 class PromptEncoder(nn.Module):
@@ -68,3 +79,10 @@ class PTuningMethod(PromptMethod):
             "encoder_num_layers": LSTM_LAYERS,
             "encoder_dropout": 0.0,
         }
+
+
+register(MethodSpec(
+    name="p_tuning", label="P-Tuning v1", family="additive", lr=1e-2, virtual_tokens=True,
+    blurb="Input-layer virtual tokens produced by a prompt encoder (LSTM+MLP or MLP).",
+    config_cls=PTuningConfig, method_cls=PTuningMethod,
+))

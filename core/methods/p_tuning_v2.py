@@ -16,14 +16,23 @@ than PEFT's N(0, 1) rows.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..blocks import ModelShape
-from ..config import PTuningV2Config
+from ..config import MethodConfig, knob
+from .registry import MethodSpec, register
 from .virtual_tokens import PrefixMethod, VirtualTable, adapter_placement, cache_table, output_cache
+
+
+@dataclass
+class PTuningV2Config(MethodConfig):
+    method: ClassVar[str] = "p_tuning_v2"
+    num_virtual_tokens: int = knob(20, "Deep prompt length in every layer.", min=1)
+
 
 
 class PTuningV2Method(PrefixMethod):
@@ -47,3 +56,11 @@ class PTuningV2Method(PrefixMethod):
 
     def extra_peft_config(self, shape: ModelShape) -> dict[str, Any]:
         return {"init_weights": None, "encoder_hidden_size": None, "prefix_projection": False}
+
+
+register(MethodSpec(
+    name="p_tuning_v2", label="P-Tuning v2 (deep prompts)", family="additive", lr=1e-2, virtual_tokens=True,
+    goals=("smallest",),
+    blurb="Prompts in every layer, trained directly (no reparameterisation).",
+    config_cls=PTuningV2Config, method_cls=PTuningV2Method,
+))

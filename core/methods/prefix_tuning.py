@@ -15,14 +15,24 @@ A loaded adapter holds the table itself (the MLP cannot be recovered from it), a
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..blocks import ModelShape
-from ..config import PrefixTuningConfig
+from ..config import MethodConfig, knob
+from .registry import MethodSpec, register
 from .virtual_tokens import PrefixMethod, adapter_placement
+
+
+@dataclass
+class PrefixTuningConfig(MethodConfig):
+    method: ClassVar[str] = "prefix_tuning"
+    num_virtual_tokens: int = knob(20, "Prefix length: key/value slots added in every layer.", min=1)
+    encoder_hidden: int = knob(512, "Hidden size of the reparameterising MLP.", min=1)
+
 
 
 class PrefixEncoder(nn.Module):
@@ -49,3 +59,11 @@ class PrefixTuningMethod(PrefixMethod):
 
     def extra_peft_config(self, shape: ModelShape) -> dict[str, Any]:
         return {"init_weights": None, "encoder_hidden_size": self.config.encoder_hidden, "prefix_projection": True}
+
+
+register(MethodSpec(
+    name="prefix_tuning", label="Prefix tuning", family="additive", lr=1e-2, virtual_tokens=True,
+    goals=("smallest", "frozen_base"),
+    blurb="Trainable key/value prefixes in every layer, produced by an MLP while training.",
+    config_cls=PrefixTuningConfig, method_cls=PrefixTuningMethod,
+))

@@ -19,14 +19,29 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, ClassVar
 
 import torch
 from torch import nn
 
 from ..blocks import ModelShape
-from ..config import PromptTuningConfig
+from ..config import MethodConfig, _fail, knob
+from .registry import MethodSpec, register
 from .virtual_tokens import PromptMethod, VirtualTable, adapter_placement
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    method: ClassVar[str] = "prompt_tuning"
+    num_virtual_tokens: int = knob(20, "Number m of soft tokens prepended to the input.", min=1)
+    init: Literal["random", "vocab", "text"] = knob("vocab", "Initialise from random noise, sampled vocabulary, or a text.")
+    init_text: str = knob("", "Text whose token embeddings initialise the prompt (init='text').")
+
+    def validate(self) -> None:
+        if self.init == "text" and not self.init_text.strip():
+            _fail(type(self).__name__, "init_text", self.init_text, "must be non-empty when init='text'")
+
 
 
 class PromptTuningMethod(PromptMethod):
@@ -79,3 +94,11 @@ def text_token_ids(tokenizer, text: str, m: int) -> list[int]:
     if not ids:
         raise ValueError(f"PromptTuningConfig.init_text = {text!r} is invalid: it tokenizes to nothing")
     return (ids * math.ceil(m / len(ids)))[:m]
+
+
+register(MethodSpec(
+    name="prompt_tuning", label="Prompt tuning", family="additive", lr=3e-2, needs_tokenizer=True,
+    virtual_tokens=True, goals=("smallest", "frozen_base"),
+    blurb="m trainable soft tokens in front of the input; the model itself is untouched.",
+    config_cls=PromptTuningConfig, method_cls=PromptTuningMethod,
+))

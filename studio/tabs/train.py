@@ -10,7 +10,7 @@ import gradio as gr
 
 from core.advisor import GOALS, HARDWARE, recommend
 from core.config import TrainConfig
-from core.train import preflight
+from core.preflight import preflight
 
 from ..format import esc, user_error
 from ..knobs import BY_KEY, ENTRIES, TRAIN_ADVANCED, TRAIN_MAIN, build_config, entry_for, entry_widgets, widget
