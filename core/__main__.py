@@ -5,7 +5,7 @@
     python -m core train --config runs/demo/config.yaml --resume # continue from the last checkpoint
     torchrun --nproc_per_node 2 -m core train --config run.yaml  # data parallel (see core/dist.py)
     python -m core generate --run runs/demo --prompt "Who are you?" [--temperature 0] [--system "..."] [--base]
-    python -m core export --run runs/demo --out exported/ [--merge]
+    python -m core export --run runs/demo --out exported/ [--merge] [--gguf f16|q8_0]
     python -m core inspect --data assets/identity_sample.json [--quick]
     python -m core fetch-default
 
@@ -257,12 +257,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() in (run.resolve(), folder.resolve()):
         raise CliError("--out must be a new folder, not the run or its adapter")
-    if args.merge and not spec(sidecar["method"]).can_merge:
+    merge = args.merge or args.gguf is not None
+    if merge and not spec(sidecar["method"]).can_merge:
         raise CliError(
             f"method {sidecar['method']} cannot be merged into the base model (it adds virtual tokens, not weight "
-            f"changes); export without --merge to get the adapter folder"
+            f"changes); export without --merge/--gguf to get the adapter folder"
         )
-    if not args.merge:
+    if not merge:
         export_adapter(folder, out)
         print(f"adapter copied to {out}", file=sys.stderr)
         return 0
@@ -270,6 +271,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     method = load_adapter(model, folder)
     export_merged(model, method, tokenizer, out)
     print(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+    if args.gguf is not None:
+        from .gguf_export import export_gguf
+
+        path = export_gguf(out, out / f"model-{args.gguf}.gguf", args.gguf)
+        print(f"GGUF written to {path} (llama.cpp, Ollama, LM Studio)", file=sys.stderr)
     return 0
 
 
@@ -359,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="a run folder or an adapter folder")
     e.add_argument("--out", required=True, help="the folder to write")
     e.add_argument("--merge", action="store_true", help="write a plain HF model folder with the method folded in")
+    e.add_argument("--gguf", choices=["f16", "q8_0"],
+                   help="also write the merged model as one GGUF file, model-<encoding>.gguf (Llama family, Qwen2)")
     e.add_argument("--model", help="override the base model recorded in the run")
     e.set_defaults(func=cmd_export)
 
