@@ -459,7 +459,7 @@ def test_validation_and_loading_skip_the_same_rows_for_the_same_reasons(tmp_path
 
 
 STREAM_CASES = [
-    b'[{"a": 1}, {"a": 12345678901234567890}, {"a": 1.25e-07}, 3.5, {"a": "\xc3\xa9\xe4\xb8\xad"}]',  # numbers cut by reads
+    b'[{"a": 1}, {"a": 12345678901234567890}, {"a": 1.25e-07}, 3.5, {"a": "\xc3\xa9\xe4\xb8\xad"}]',  # cut numbers
     b'\xef\xbb\xbf \n[ {"a": [1, [2, {"b": null}]]} ,\n\t{"a": true} ] \n\n',  # BOM, whitespace everywhere
     b'["x", "y", {"a": 1}]',  # leading non-objects are kept once an object shows up
     b'[{"a": "' + b"long " * 5000 + b'"}, {"b": 2}]',  # one row far bigger than a read
