@@ -51,6 +51,7 @@ SEED = 42
 # Seconds each part may take at most (GPU run); the whole check also stops at BUDGET_S (tests get what is left).
 CAPS = {"setup": 60, "methods": 130, "compare": 75, "tests": 170}
 BUDGET_S = 470
+TESTS_RESERVE_S = 110  # the parts before the tests stop early enough to leave them this much
 DRY_CAPS = {"setup": 120, "methods": 600, "compare": 300, "tests": 600}
 
 TESTS_GPU = ["tests/test_forward.py", "tests/test_generate.py", "tests/test_lora.py", "tests/test_prompt_methods.py",
@@ -418,8 +419,8 @@ def compare_peer(args, model, tok, device, plan) -> dict:
     timed = sum(counts[plan["warm"] : plan["steps"]])
     return {"tokens_per_s": timed / (marks[plan["steps"]] - marks[plan["warm"]]), "peak_mem_mb": mem,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "trainable": trainable, "optim": str(targs.optim), "sampler": want.get("train_sampling_strategy",
-                                                                                  "group_by_length")}
+            "trainable": trainable, "optim": str(targs.optim), "collator_calls": len(counts),
+            "sampler": want.get("train_sampling_strategy", "group_by_length")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,6 +444,12 @@ def run_tests(args, env: dict, timeout: float, log) -> dict:
     rc, out = stream([sys.executable, "-c", code], env, timeout, "tests", log)
     Path(args.out, "pytest.txt").write_text(out)
     res = {"files": files, "workers": workers, "rc": rc, "timed_out": rc == "timeout"}
+    # until pytest ends there is no junit file: count the progress characters of the lines printed so far
+    import re
+
+    marks = "".join(m.group(1) for m in re.finditer(r"^([.FEsxX]+)\s*(?:\[\s*\d+%\])?\s*$", out, re.M))
+    res["progress"] = {"passed": marks.count("."), "failed": marks.count("F"), "errors": marks.count("E"),
+                       "skipped": marks.count("s")}
     if junit.exists():
         import xml.etree.ElementTree as ET
 
@@ -517,7 +524,12 @@ def fmt(v, spec: str = ".3f", none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
+def pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
 def report_md(r: dict) -> str:
+    """The tables of gpu_check.md, from the results gathered so far (a part that did not run shows dashes)."""
     s = r.get("setup", {})
     lines = [f"# GPU check{' (DRY, CPU, tiny models)' if r['dry'] else ''}", "",
              f"{s.get('gpu', 'no GPU')} (cc {s.get('capability', '–')}, {s.get('gpu_mem_gib', '–')} GiB); "
@@ -530,11 +542,16 @@ def report_md(r: dict) -> str:
               f"random SmolLM2-135M shape ({fmt(first.get('total_params'), ',')} params), {m.get('data', '?')}, "
               f"batch 8, {first.get('base_dtype', '?')} base on {m.get('device', '?')} (on CUDA: fp32 trainable, bf16 "
               "autocast); sup tok/s after the first 3 steps", "",
-              "| method | status | trainable | loss first → last | sup tok/s | peak MB | wall s |", "|---|---|---|---|---|---|---|"]
+              "| method | status | trainable | loss first → last | sup tok/s | peak MB | wall s |",
+              "|---|---|---|---|---|---|---|"]
     for row in m.get("rows", []):
-        lines.append(f"| {row['method']} | {row.get('status')}{': ' + str(row.get('reason'))[:80] if row.get('status') != 'completed' else ''} "
-                     f"| {fmt(row.get('trainable'), ',')} | {fmt(row.get('loss_first'))} → {fmt(row.get('loss_last'))} "
-                     f"| {fmt(row.get('tokens_per_s'), '.0f')} | {fmt(row.get('peak_mem_mb'), '.0f')} | {fmt(row.get('wall_s'), '.1f')} |")
+        status = row.get("status")
+        if status != "completed":
+            status = f"{status}: {str(row.get('reason'))[:100]}"
+        lines.append(f"| {row['method']} | {status} | {fmt(row.get('trainable'), ',')} "
+                     f"| {fmt(row.get('loss_first'))} → {fmt(row.get('loss_last'))} "
+                     f"| {fmt(row.get('tokens_per_s'), '.0f')} | {fmt(row.get('peak_mem_mb'), '.0f')} "
+                     f"| {fmt(row.get('wall_s'), '.1f')} |")
     if "error" in m:
         lines.append(f"\nmethods part: {m['error']}")
     c = r.get("compare", {})
@@ -544,19 +561,23 @@ def report_md(r: dict) -> str:
     lines += ["", f"## Ours vs transformers.Trainer + peft: random Llama of {fmt(n, ',')} params ({shape}), "
               f"instruction_sample.json, batch {plan['batch']}, {plan['steps']} steps, timed over steps "
               f"{plan['warm'] + 1}..{plan['steps']}", "",
-              f"MFU = 6·N·(supervised tokens/s) ÷ {PEAK_FLOPS:.3g} FLOP/s (H200 SXM dense bf16, datasheet). It counts "
-              "supervised tokens only (prompt tokens also run forward and backward: multiply by input/supervised "
-              "for the all-token MFU) and 6N also for LoRA, whose frozen base skips the weight gradients (~4N).", "",
-              "| case | side | base dtype | trainable | sup tok/s | ours/peer speed | peak MB | MFU (sup) | loss first → last | status |",
+              f"MFU = 6·N·(supervised tokens/s) ÷ {PEAK_FLOPS:.3g} FLOP/s (H200 SXM dense bf16, datasheet). "
+              "It counts supervised tokens only (prompt tokens also run forward and backward: multiply by "
+              "input/supervised for the all-token MFU) and 6N also for LoRA, whose frozen base skips the weight "
+              "gradients (~4N).", "",
+              "| case | side | base dtype | trainable | sup tok/s | ours/peer speed | peak MB | MFU (sup) "
+              "| loss first → last | status |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for case in COMPARE:
         o, p = c.get(f"{case}-ours", {}), c.get(f"{case}-peer", {})
         for side, x in (("ours", o), ("peer", p)):
-            ratio = (o["tokens_per_s"] / p["tokens_per_s"]) if side == "ours" and o.get("tokens_per_s") and p.get("tokens_per_s") else None
+            ratio = None
+            if side == "ours" and o.get("tokens_per_s") and p.get("tokens_per_s"):
+                ratio = o["tokens_per_s"] / p["tokens_per_s"]
             status = "ok" if x.get("part_rc") == 0 else f"{x.get('part_rc')}: {str(x.get('error', ''))[:60]}"
             lines.append(f"| {case} | {side} | {x.get('base_dtype', '–')} | {fmt(x.get('trainable'), ',')} "
                          f"| {fmt(x.get('tokens_per_s'), '.0f')} | {fmt(ratio, '.2f')}{'x' if ratio else ''} "
-                         f"| {fmt(x.get('peak_mem_mb'), '.0f')} | {fmt(100 * x['mfu'] if x.get('mfu') is not None else None, '.1f')}{'%' if x.get('mfu') is not None else ''} "
+                         f"| {fmt(x.get('peak_mem_mb'), '.0f')} | {pct(x.get('mfu'))} "
                          f"| {fmt(x.get('loss_first'))} → {fmt(x.get('loss_last'))} | {status} |")
     ratio = next((x.get("input_per_supervised") for x in c.values() if x.get("input_per_supervised")), None)
     if ratio:
@@ -568,6 +589,10 @@ def report_md(r: dict) -> str:
               f"xdist workers {t.get('workers')}): {' '.join(t.get('files', []))}"]
     if t.get("failed"):
         lines += ["", "failed: " + ", ".join(t["failed"][:30])]
+    if t.get("error"):
+        lines += ["", f"tests part: {t['error']}"]
+    if t.get("timed_out"):
+        lines += ["", f"tests timed out; progress marks printed before: {t.get('progress')}"]
     return "\n".join(lines) + "\n"
 
 
@@ -590,8 +615,11 @@ def orchestrate(args) -> None:
             (out / "gpu_check.json").write_text(json.dumps(r, indent=1, default=str))
             (out / "gpu_check.md").write_text(report_md(r))
 
+        tests_on = "tests" in parts
+        reserve = TESTS_RESERVE_S if tests_on and not args.dry else 0  # earlier parts leave the tests this much
+
         def left(part: str) -> float:
-            return min(caps[part], deadline - time.perf_counter())
+            return min(caps[part], deadline - time.perf_counter() - (0 if part == "tests" else reserve))
 
         say(f"gpu_check: parts {parts}, budget {budget}s, work {args.work}, out {out}")
         if shutil.which("nvidia-smi"):
@@ -608,15 +636,18 @@ def orchestrate(args) -> None:
             r["compare"] = {}
             for case in COMPARE:
                 for side in ("ours", "peer"):
-                    if deadline - time.perf_counter() < 20:
-                        r["compare"][f"{case}-{side}"] = {"error": "skipped: out of budget"}
+                    if left("compare") < 25:
+                        r["compare"][f"{case}-{side}"] = {"error": "skipped: out of budget", "part_rc": "skipped"}
                         continue
                     r["compare"][f"{case}-{side}"] = run_part(args, "compare", ["--case", case, "--side", side], env,
                                                               left("compare"), log)
                     save()
-        if "tests" in parts:
+        if tests_on:
             say(f"== tests: {left('tests'):.0f}s left for them")
-            r["tests"] = run_tests(args, env, left("tests"), log)
+            try:
+                r["tests"] = run_tests(args, env, left("tests"), log)
+            except Exception as e:  # noqa: BLE001 - the report is still written
+                r["tests"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
             say(f"== tests: {r['tests'].get('passed')} passed, {r['tests'].get('failures')} failed, "
                 f"{r['tests'].get('errors')} errors, rc {r['tests'].get('rc')}")
         save()
