@@ -16,10 +16,28 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from .common import BATCH, SEED, Case, encode_file, our_batch_order, peak_memory_mb, supervised_tokens
+
+
+class Rows(torch.utils.data.Dataset):
+    """The training rows as a plain map-style torch Dataset of feature dicts (no ``datasets`` package needed:
+    the GPU image has none). The Trainer reads ``input_ids`` lengths from it when it groups by length."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def features(example) -> dict:
+    """One row as the Trainer's collator wants it: ids, labels (-100 on prompt tokens), an all-ones mask."""
+    return {"input_ids": example.input_ids, "labels": example.labels, "attention_mask": [1] * len(example.input_ids)}
 
 
 def peft_config(case: Case, model):
@@ -73,8 +91,7 @@ def eval_loss(model, examples, collator, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), BATCH):
-        feats = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
-                 for e in examples[i : i + BATCH]]
+        feats = [features(e) for e in examples[i : i + BATCH]]
         batch = {k: v.to(device) for k, v in collator(feats).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch).loss) * n
@@ -91,8 +108,7 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
     train = encode_file(train_file, tokenizer)
     model = peft.get_peft_model(model, peft_config(case, model))
     start_from(model, init, case)
-    ds = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
-                            for e in (train[i] for i in our_batch_order(train, device))])
+    ds = Rows([features(train[i]) for i in our_batch_order(train, device)])
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     args = TrainingArguments(
         output_dir=str(work / "peer"), per_device_train_batch_size=BATCH, num_train_epochs=1,

@@ -415,3 +415,103 @@ def test_ten_megabyte_string_is_truncated(tmp_path, tok):
     assert report.valid_rows == 2 and report.truncated_rows == [1]
     assert len(examples[0].input_ids) == 256 and examples[0].labels == examples[0].input_ids
     assert examples[0].input_ids == tok("many words here " * 100)["input_ids"][:256]  # the cut changes nothing
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one row iterator: the fast check and the loader agree; big .json arrays are streamed exactly
+
+
+BAD_ROWS = [
+    {"question": "ok?", "answer": "yes"},  # 1
+    {"question": 7, "answer": "c"},  # 2
+    ["not", "an", "object"],  # 3
+    {"question": "d?", "answer": {"x": 1}},  # 4
+    {"question": "  ", "answer": "y"},  # 5
+    {"question": "e?", "answer": "f"},  # 6
+    {"question": "g?"},  # 7
+    {"question": "long " * 300, "answer": "h"},  # 8: only the loader can see nothing is left to train
+    {"question": "i?", "answer": "bad \ud800"},  # 9
+    {"question": "j?", "answer": "k"},  # 10
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_validation_and_loading_skip_the_same_rows_for_the_same_reasons(tmp_path, tok, suffix):
+    path = tmp_path / f"mixed{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(BAD_ROWS), encoding="utf-8")
+    else:
+        write_jsonl(path, [*BAD_ROWS, '{"question": "broken", '])  # 11: a line that is not JSON
+    fast = D.validate_file(path)
+    examples, loaded = D.load_examples(DataConfig(path=str(path)), tok, 64)
+    fast_issues = [(i.row, i.reason) for i in fast.issues]
+    assert fast.format == loaded.format == "qa" and fast.total_rows == loaded.total_rows
+    assert [r for r, _ in fast_issues] == [2, 3, 4, 5, 7, 9] + ([11] if suffix == ".jsonl" else [])
+    assert [(i.row, i.reason) for i in loaded.issues if i.row != 8] == fast_issues  # same rows, same words
+    assert [i.row for i in loaded.issues if "nothing is left to train" in i.reason] == [8]
+    assert fast.valid_rows == 4 and loaded.valid_rows == len(examples) == 3
+    rows = D.Rows(path)  # the iterator both walk
+    checked = list(rows)
+    assert [(r, p) for r, _, p in checked if p] == fast_issues
+    assert [item for _, item, p in checked if not p][0] == D.to_messages(BAD_ROWS[0], "qa")
+    with pytest.raises(RuntimeError, match="only once"):
+        list(rows)
+
+
+STREAM_CASES = [
+    b'[{"a": 1}, {"a": 12345678901234567890}, {"a": 1.25e-07}, 3.5, {"a": "\xc3\xa9\xe4\xb8\xad"}]',  # cut numbers
+    b'\xef\xbb\xbf \n[ {"a": [1, [2, {"b": null}]]} ,\n\t{"a": true} ] \n\n',  # BOM, whitespace everywhere
+    b'["x", "y", {"a": 1}]',  # leading non-objects are kept once an object shows up
+    b'[{"a": "' + b"long " * 5000 + b'"}, {"b": 2}]',  # one row far bigger than a read
+    b"[]",
+    b"[ 1, 2 ]",
+    b'[{"a": 1},]',
+    b'[{"a": 1}, {"a": }]',
+    b'[{"a": 1}] {"b": 2}',
+    b'[{"a": 1}, {"a": "caf\xe9"}]',
+    b'[{"a": 1}, {"a": 2}',
+    b"[" * 100_000 + b"]" * 100_000,
+]
+
+
+@pytest.mark.parametrize("case", range(len(STREAM_CASES)))
+def test_streamed_json_array_equals_json_loads(tmp_path, monkeypatch, case):
+    from core.data import read
+
+    path = tmp_path / "rows.json"
+    path.write_bytes(STREAM_CASES[case])
+
+    def rows_or_error():
+        try:
+            return list(read.iter_values(path, 10**9))
+        except D.DataError as e:
+            return str(e)
+
+    reference = rows_or_error()  # a small file: json.loads on the whole text
+    monkeypatch.setattr(read, "STREAM_BYTES", 0)
+    for chunk in (1, 3, 64):
+        monkeypatch.setattr(read, "CHUNK", chunk)
+        assert rows_or_error() == reference, chunk
+    if case < 4:
+        assert isinstance(reference, list) and len(reference) > 1
+    else:
+        assert isinstance(reference, str) and "rows.json" in reference
+
+
+def test_big_json_array_is_streamed_in_bounded_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from core.data import read
+
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20_000)]))
+    monkeypatch.setattr(read, "CHUNK", 1 << 16)
+    peaks = {}
+    for stream_bytes in (0, 10**9):  # streamed, then parsed whole
+        monkeypatch.setattr(read, "STREAM_BYTES", stream_bytes)
+        tracemalloc.start()
+        report = D.validate_file(path)
+        peaks[stream_bytes] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert report.total_rows == report.valid_rows == 20_000
+    assert peaks[0] < peaks[10**9] / 4, peaks  # only the format-detection head and one read are held

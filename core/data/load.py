@@ -1,0 +1,95 @@
+"""Stage 5, load: a DataConfig in, the tokenised examples of every valid row and the report out.
+
+``load_examples`` walks the rows with ``validate.Rows``, the same iterator ``validate_file`` uses, and renders
+the usable ones in chunks through ``render.encode_many`` (one tokenizer call per chunk). A row is skipped
+for the reason ``Rows`` gives, or, after rendering, because the chat template rejects it or nothing is left to
+train once it is cut to ``max_len``; a truncated row that still trains something is kept and listed in
+``DataReport.truncated_rows``. ``length_stats`` and ``preview`` summarise the examples for ``inspect`` and
+the studio's Data tab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..config import DataConfig
+from .render import IGNORE, Example, encode_many, n_trained
+from .validate import DataReport, Rows
+
+
+def load_examples(cfg: DataConfig, tokenizer: Any, max_len: int, chunk: int = 1024) -> tuple[list[Example], DataReport]:
+    """Tokenised examples of every valid row, and the report. Bad rows are reported, not fatal.
+
+    DataError when the file cannot be read, its format cannot be detected, or no row is valid.
+    """
+    rows = Rows(cfg.path, cfg.format, cfg.fields, cfg.max_bytes)
+    report = rows.report()
+    examples: list[Example] = []
+    pending: list[tuple[int, list[dict] | str]] = []
+
+    def flush() -> None:
+        results = encode_many(tokenizer, [item for _, item in pending], max_len, cfg.system_prompt)
+        for (row, _), result in zip(pending, results):
+            if isinstance(result, str):
+                report.skip(row, result)
+                continue
+            example, truncated = result
+            if n_trained(example) == 0:
+                report.skip(row, f"longer than max_len={max_len} tokens, and nothing is left to train after truncation")
+                continue
+            if truncated:
+                report.truncated_rows.append(row)
+            report.valid_rows += 1
+            examples.append(example)
+        pending.clear()
+
+    for row, item, problem in rows:
+        report.total_rows += 1
+        if problem is not None:
+            report.skip(row, problem)
+        else:
+            pending.append((row, item))
+        if len(pending) >= chunk:
+            flush()
+    if pending:
+        flush()
+    report.issues.sort(key=lambda i: i.row)
+    report.require_valid()
+    return examples, report
+
+
+def preview(tokenizer: Any, example: Example, max_tokens: int = 400) -> list[tuple[str, bool]]:
+    """Decoded runs of the example as (text, trained?), for a two-colour preview; the tail is summarised."""
+    ids, labels = example.input_ids[:max_tokens], example.labels[:max_tokens]
+    runs: list[tuple[str, bool]] = []
+    start = 0
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or (labels[t] != IGNORE) != (labels[start] != IGNORE):
+            text = tokenizer.decode(ids[start:t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            runs.append((text, labels[start] != IGNORE))
+            start = t
+    rest = len(example.input_ids) - len(ids)
+    if rest > 0:
+        runs.append((f" … ({rest} more tokens)", False))
+    return runs
+
+
+def length_stats(examples: list[Example]) -> dict:
+    """n, min, mean, p50, p90, max of the token lengths; total_tokens and supervised_tokens."""
+    lengths = sorted(len(e.input_ids) for e in examples)
+    n = len(lengths)
+    if n == 0:
+        return {"n": 0, "min": 0, "mean": 0.0, "p50": 0, "p90": 0, "max": 0, "total_tokens": 0, "supervised_tokens": 0}
+    pick = lambda q: lengths[min(n - 1, math.ceil(q * n) - 1)]  # noqa: E731 - nearest rank
+    return {
+        "n": n,
+        "min": lengths[0],
+        "mean": sum(lengths) / n,
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "max": lengths[-1],
+        "total_tokens": sum(lengths),
+        "supervised_tokens": sum(n_trained(e) for e in examples),
+    }
+
