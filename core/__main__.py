@@ -263,13 +263,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"method {sidecar['method']} cannot be merged into the base model (it adds virtual tokens, not weight "
             f"changes); export without --merge/--gguf to get the adapter folder"
         )
+    from .model_card import write_model_card
+
     if not merge:
         export_adapter(folder, out)
-        print(f"adapter copied to {out}", file=sys.stderr)
+        write_model_card(out, folder, merged=False)
+        print(f"adapter copied to {out}, with a model card (README.md)", file=sys.stderr)
         return 0
     model, tokenizer = load_model(_run_model_name(run, folder, args.model), device="cpu", dtype=torch.float32)
     method = load_adapter(model, folder)
     export_merged(model, method, tokenizer, out)
+    write_model_card(out, folder, merged=True)
     print(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
     if args.gguf is not None:
         from .gguf_export import export_gguf
