@@ -65,7 +65,7 @@ def test_train_generate_export_round_trip(tiny, tmp_path, capsys):
     # export: the adapter as is, and merged into a plain HF model with the same logits
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "adapter_copy")]) == 0
     assert {p.name for p in (tmp_path / "adapter_copy").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "peft_studio.json"}
+        "adapter_config.json", "adapter_model.safetensors", "peft_studio.json", "README.md"}
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.tensor([[1, 400, 500, 600, 2]])
