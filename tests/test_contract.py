@@ -11,21 +11,28 @@ here. Its own settings (config, learning rate, bar) come from its test module, s
     6. greedy generation runs (cached == uncached streaming: tests/test_generate.py, also over the registry)
     7. it learns: after overfitting 8 examples, teacher-forced token accuracy >= the bar (0.9 unless the method's
        test module states a lower one, with the value measured)
+
+Also: README's "## Methods" table has one row per registered method, and register() refuses a method without
+``expected_trainable``.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 from core.checkpoint import load_adapter, save_adapter
+from core.config import MethodConfig
 from core.forward import logits, supervised_loss
-from core.methods import specs
+from core.methods import Method, MethodSpec, specs
+from core.methods.registry import register
 from tiny import (
     TINY_MODELS, assert_greedy_runs, batch, contract, contract_method, lively, memorise, overfit_data, perturb,
 )
@@ -127,7 +134,7 @@ def test_save_load_into_a_fresh_model_gives_the_same_logits(name, kind, tmp_path
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", [n for n, s in specs().items() if s.can_merge])
 def test_merged_equals_unmerged_with_non_zero_deltas(name, kind):
-    model, method, base = tuned(name, kind)
+    model, method, _ = tuned(name, kind)  # tuned() checks that the deltas change the output
     ids, mask = batch()
     unmerged = logits(model, method, ids, mask)
     method.merge(model)
@@ -180,3 +187,20 @@ def test_readme_methods_table_has_one_row_per_registered_method():
         f"README ## Methods: missing rows {sorted(set(NAMES) - set(rows))}, rows for unregistered "
         f"{sorted(set(rows) - set(NAMES))}"
     )
+
+
+def test_register_refuses_a_method_without_expected_trainable():
+    @dataclass
+    class NoCountConfig(MethodConfig):
+        method: ClassVar[str] = "contract_no_count"
+
+    class NoCount(Method):
+        config_cls = NoCountConfig
+
+    for hook in ("apply", "remove", "adapter_tensors", "load_adapter_tensors", "adapter_config", "set_enabled"):
+        setattr(NoCount, hook, lambda self, *args: None)
+    spec = MethodSpec(name="contract_no_count", label="no count", blurb="-", family="additive",
+                      config_cls=NoCountConfig, method_cls=NoCount, lr=1e-3)
+    with pytest.raises(ValueError, match="does not implement expected_trainable"):
+        register(spec)
+    assert "contract_no_count" not in specs()
