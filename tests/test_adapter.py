@@ -21,6 +21,9 @@ MODELS = sorted(TINY_MODELS)
 ATTN = {"llama": "self_attn", "qwen2": "self_attn", "gpt2": "attn"}
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h"}
 
+#: settings of the shared contract checks (tests/test_contract.py, tests/test_generate.py; see tiny.contract)
+CONTRACT = {"config": {"bottleneck": 8}, "lr": 2e-2, "steps": 50, "accuracy": 0.9, "measured": 0.97}
+
 
 def randomise(method: AdapterMethod, model, seed: int = 5) -> None:
     """Non-zero W_up, so the adapters really change the output."""

@@ -13,6 +13,11 @@ from tiny import (
     VOCAB, assert_bake_round_trip, assert_toggle_restores, batch, examples, greedy, saved_logits, tiny_gpt2, tiny_llama,
 )
 
+#: settings of the shared contract checks (tests/test_contract.py, tests/test_generate.py; see tiny.contract)
+CONTRACT = {
+    "config": {"keep_ratio": 0.05, "fisher_batches": 2}, "lr": 3e-2, "steps": 75, "accuracy": 0.9, "measured": 0.95,
+}
+
 
 def fisher_batches(n=4):
     ids = examples()

@@ -14,6 +14,9 @@ from tiny import (
     tiny_qwen2,
 )
 
+#: settings of the shared contract checks (tests/test_contract.py, tests/test_generate.py; see tiny.contract)
+CONTRACT = {"lr": 3e-3, "steps": 50, "accuracy": 0.9, "measured": 0.99}
+
 
 def train(model, method, steps, lr=1e-2, weight_decay=0.1):
     """The loop contract (see core.schedules) with a constant lr. Returns the losses."""

@@ -12,6 +12,9 @@ from tiny import (
     assert_bake_round_trip, assert_toggle_restores, batch, examples, greedy, saved_logits, tiny_llama, tiny_qwen2,
 )
 
+#: settings of the shared contract checks (tests/test_contract.py, tests/test_generate.py; see tiny.contract)
+CONTRACT = {"lr": 3e-3, "steps": 40, "accuracy": 0.9, "measured": 0.99}
+
 
 def train(model, method, steps, lr=3e-3, weight_decay=0.1, decay=1.0, on_step=None):
     """The training loop contract, written out: groups, unfreezing, schedule, step, after_step. Returns losses."""

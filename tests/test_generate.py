@@ -1,6 +1,6 @@
-"""Streaming generation (core.generate): KV cache vs an uncached reference for every method, the adapter bank,
-chat rendering, truncation, sampling and stopping. Tiny Llama with SmolLM2's tokenizer, init 0.5 so that greedy
-decoding does not just repeat one token."""
+"""Streaming generation (core.generate): KV cache vs an uncached reference for every registered method (each
+with its contract config, tiny.contract), the adapter bank, chat rendering, truncation, sampling and stopping.
+Tiny Llama with SmolLM2's tokenizer, init 0.5 so that greedy decoding does not just repeat one token."""
 
 from __future__ import annotations
 
@@ -8,26 +8,15 @@ import pytest
 import torch
 
 from core.checkpoint import load_adapter, save_adapter
-from core.config import method_config
 from core.data import chat_prompt
 from core.forward import logits
 from core.generate import AdapterBank, GenerationSettings, generate, pick, stop_ids, stream
-from core.methods import build_method
+from core.methods import spec, specs
 from test_train import tiny_lm, tokenizer
+from tiny import contract_method, perturb
 
 GREEDY = GenerationSettings(temperature=0.0, max_new_tokens=10)
 CHAT = [{"role": "user", "content": "Tell me a story about a cat."}]
-
-METHODS = {
-    "lora": {"r": 4, "targets": ["all-linear"]},
-    "adapter": {"bottleneck": 8},
-    "bitfit": {},
-    "full": {},
-    "prompt_tuning": {"num_virtual_tokens": 4, "init": "random"},
-    "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden": 16},
-    "prefix_tuning": {"num_virtual_tokens": 4, "encoder_hidden": 16},
-    "p_tuning_v2": {"num_virtual_tokens": 4},
-}
 
 
 def model():
@@ -35,13 +24,11 @@ def model():
 
 
 def with_method(m, name: str, seed: int = 0):
-    """Apply ``name`` and move every trainable tensor off its init (LoRA's B = 0 would make the test trivial)."""
-    method = build_method(method_config(name, METHODS[name]))
-    method.apply(m)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in method.trainable_parameters(m).values():
-            p.add_(torch.randn(p.shape, generator=g) * (0.3 if name != "full" else 0.05))
+    """Apply ``name`` with its contract config (tiny.contract; prepared where its spec prepares) and move every
+    trainable tensor off its init (LoRA's B = 0 would make the test trivial). Base weights of init std 0.5 get
+    less noise than new modules, so that the model stays a model."""
+    method = contract_method(name, m, vocab=m.config.vocab_size)
+    perturb(m, method, 0.05 if spec(name).trains_base else 0.3, seed=seed)
     m.requires_grad_(False)
     return method
 
@@ -71,7 +58,7 @@ def test_base_streaming_equals_transformers_generate():
     assert text == tok.decode(s.token_ids, skip_special_tokens=True) == generate(m, tok, None, CHAT, GREEDY)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", list(specs()))
 def test_kv_cache_streaming_equals_uncached_greedy(name):
     m, tok = model(), tokenizer()
     method = with_method(m, name)

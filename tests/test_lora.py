@@ -18,6 +18,10 @@ from tiny import (
 
 MODELS = sorted(TINY_MODELS)
 
+#: settings of the shared contract checks (tests/test_contract.py, tests/test_generate.py; see tiny.contract)
+CONTRACT = {"config": {"r": 4, "targets": ["all-linear"]},
+            "lr": 1e-2, "steps": 40, "accuracy": 0.9, "measured": 0.99}
+
 
 def linear_shapes(kind: str, model) -> list[tuple[int, int]]:
     """(in, out) of every linear inside one block, from the config alone."""

@@ -135,6 +135,15 @@ class AdapterMethod(Method):
             replace_module(model, path, AdaptedOutput(model.get_submodule(path), adapter))
         self.enabled = True
 
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = k·L·(2·r·d + r + d): per adapted module W_down (r, d), b_down (r,), W_up (d, r), b_up (d,);
+        k = 2 adapted modules per block for 'houlsby', 1 for 'pfeiffer' and 'attn'; L blocks, d the hidden size,
+        r the bottleneck."""
+        shape = model_shape(model)
+        r, d = self.config.bottleneck, shape.hidden_size
+        k = 2 if self.config.placement == "houlsby" else 1
+        return k * shape.num_layers * (2 * r * d + r + d)
+
     def remove(self, model: nn.Module) -> None:
         for path, wrapper in self.wrappers(model).items():
             replace_module(model, path, wrapper.base_layer)

@@ -78,6 +78,15 @@ class Method:
         """Content of ``adapter_config.json`` (PEFT's schema when ``peft_type`` is set)."""
         raise NotImplementedError
 
+    def expected_trainable(self, model: nn.Module) -> int:
+        """The number of parameter entries this method trains on ``model``, in closed form: a formula in the
+        config and the model's shapes (``core.blocks.model_shape``, the shapes of the modules it targets), never
+        a count of ``requires_grad``. Called after ``apply`` (and after ``prepare`` for methods whose spec has
+        ``prepares=True``); it must equal ``parameter_counts(model)[0]``, which the contract test checks for every
+        registered method. Tied tensors count once. Example: LoRA of rank r on layers of shape (in_i, out_i)
+        trains Σ_i r·(in_i + out_i)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement expected_trainable")
+
     # ---- optional ------------------------------------------------------------------------------------------
 
     def set_enabled(self, model: nn.Module, enabled: bool) -> None:

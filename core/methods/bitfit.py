@@ -72,6 +72,17 @@ class BitFitMethod(Method):
         self.enabled = True
         self.__dict__.pop("peft_type", None)  # back to the class default
 
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = Σ out over the targeted linears (each trains one bias (out,), added at zero where it had none)
+        + Σ numel(bias) over the norms that have a bias, when train_norm_bias."""
+        cfg = self.config
+        linears = find_linears(model, cfg.targets, "BitFitConfig.targets") if cfg.targets else {}
+        n = sum(linear_shape(m)[1] for m in linears.values())
+        if cfg.train_norm_bias:
+            norms = [m for m in model.modules() if is_norm(m) and isinstance(getattr(m, "bias", None), nn.Parameter)]
+            n += sum(m.bias.numel() for m in norms)
+        return n
+
     # ---- apply / remove ----------------------------------------------------------------------------------
 
     def apply(self, model: nn.Module) -> None:

@@ -172,6 +172,12 @@ class FishMaskMethod(Method):
             return self.keep_count(total, self.config.keep_ratio), total  # type: ignore[attr-defined]
         return sum(int(m.sum()) for m in self._masks.values()), total
 
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = k = max(1, ⌊keep_ratio · total⌋), total = Σ numel over the model's tensors (tied ones once): the
+        global top-k keeps exactly k entries."""
+        total = sum(p.numel() for p in model.parameters())
+        return self.keep_count(total, self.config.keep_ratio)  # type: ignore[attr-defined]
+
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """Write the originals back outside the mask (undoes weight decay there, bit for bit)."""

@@ -74,6 +74,18 @@ class FreezeMethod(InPlaceMethod):
         return names
 
 
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = Σ_{l = L−top_n}^{L−1} numel(block l) + Σ numel(t) over the tensors t of the extra modules, each
+        tensor once (with tied embeddings 'lm_head' and 'embed_tokens' are one tensor)."""
+        cfg: FreezeConfig = self.config  # type: ignore[assignment]
+        blocks = list(find_blocks(model)[1])
+        tensors = {id(p): p for block in blocks[len(blocks) - cfg.top_n :] for p in block.parameters()}
+        params = dict(model.named_parameters())
+        modules = top_level_modules(model)
+        for m in cfg.extra_modules:
+            tensors.update({id(params[n]): params[n] for n in modules[m]})
+        return sum(p.numel() for p in tensors.values())
+
 __all__ = ["FreezeMethod", "top_level_modules"]
 
 

@@ -195,6 +195,21 @@ class FullMethod(InPlaceMethod):
             names.append(name)
         return names
 
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = Σ numel(t) over the model's tensors t (tied ones once) that no freeze option covers: t is not in an
+        nn.Embedding when freeze_embeddings, not in blocks 0 .. freeze_bottom−1, and none of its names contains a
+        freeze_modules string. With no option set, N is the size of the whole model."""
+        cfg: FullConfig = self.config  # type: ignore[assignment]
+        frozen: set[int] = set()
+        if cfg.freeze_embeddings:
+            frozen |= {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        for block in list(find_blocks(model)[1])[: cfg.freeze_bottom]:
+            frozen |= {id(p) for p in block.parameters()}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if any(s in name for s in cfg.freeze_modules):
+                frozen.add(id(p))
+        return sum(p.numel() for p in model.parameters() if id(p) not in frozen)
+
     def frozen_below(self, step: int, epoch: int, num_layers: int) -> int | None:
         cfg: FullConfig = self.config  # type: ignore[assignment]
         if cfg.unfreeze_every == 0:

@@ -180,6 +180,23 @@ class LoraMethod(Method):
             replace_module(model, path, LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
         self.enabled = True
 
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = Σ r·(in + out) over the targeted layers (A (r, in), B (out, r)). The layers are found as before
+        apply: a wrapped layer stands for its base layer, and nothing inside a wrapper is a target itself."""
+        cfg = self.config
+        blocks_path, _ = find_blocks(model)
+        wrapped = tuple(f"{path}." for path in self.layers(model))
+        shapes = []
+        for name, m in model.named_modules():
+            if not name.startswith(blocks_path + ".") or name.startswith(wrapped):
+                continue
+            if "all-linear" in cfg.targets or name.rsplit(".", 1)[-1] in cfg.targets:
+                if isinstance(m, LoraLinear):
+                    shapes.append(linear_shape(m.base_layer))
+                elif isinstance(m, LINEAR_TYPES):
+                    shapes.append(linear_shape(m))
+        return sum(cfg.r * (fan_in + fan_out) for fan_in, fan_out in shapes)
+
     def remove(self, model: nn.Module) -> None:
         for path, layer in self.layers(model).items():
             layer.unmerge()

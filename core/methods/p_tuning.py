@@ -23,7 +23,7 @@ from typing import Any, Literal, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..blocks import ModelShape
+from ..blocks import ModelShape, model_shape
 from ..config import MethodConfig, knob
 from .registry import MethodSpec, register
 from .virtual_tokens import PromptMethod, adapter_placement
@@ -71,6 +71,18 @@ class PTuningMethod(PromptMethod):
         c = self.config
         encoder = PromptEncoder(c.num_virtual_tokens, shape.hidden_size, c.encoder_hidden, c.encoder_type)
         return encoder.to(device, dtype)
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N (m = num_virtual_tokens, d the hidden size, h = encoder_hidden):
+            mlp   m·d + (d·h + h) + (h·h + h) + (h·d + d)
+            lstm  m·d + 2·[4h(d+h) + 8h] + 2·[4h(2h+h) + 8h] + (2h·2h + 2h) + (2h·d + d)
+        (each LSTM layer and direction: W_ih (4h, in), W_hh (4h, h) and two biases (4h,); in = d, then 2h)."""
+        c = self.config
+        m, d, h = c.num_virtual_tokens, model_shape(model).hidden_size, c.encoder_hidden
+        if c.encoder_type == "lstm":
+            lstm = 2 * (4 * h * (d + h) + 8 * h) + 2 * (4 * h * (2 * h + h) + 8 * h)
+            return m * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+        return m * d + (d * h + h) + (h * h + h) + (h * d + d)
 
     def extra_peft_config(self, shape: ModelShape) -> dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..blocks import ModelShape
+from ..blocks import ModelShape, model_shape
 from ..config import MethodConfig, knob
 from .registry import MethodSpec, register
 from .virtual_tokens import PrefixMethod, VirtualTable, adapter_placement, cache_table, output_cache
@@ -53,6 +53,11 @@ class PTuningV2Method(PrefixMethod):
         finally:
             model.train(was_training)
         return cache_table(cache, shape.num_layers).to(dtype)  # (m, 2·L·kv)
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = m·2·L·kv: the table (m, 2·L·kv), m = num_virtual_tokens, kv = head_dim · kv_heads."""
+        s = model_shape(model)
+        return self.config.num_virtual_tokens * 2 * s.num_layers * s.kv_dim
 
     def extra_peft_config(self, shape: ModelShape) -> dict[str, Any]:
         return {"init_weights": None, "encoder_hidden_size": None, "prefix_projection": False}

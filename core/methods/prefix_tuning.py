@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..blocks import ModelShape
+from ..blocks import ModelShape, model_shape
 from ..config import MethodConfig, knob
 from .registry import MethodSpec, register
 from .virtual_tokens import PrefixMethod, adapter_placement
@@ -56,6 +56,14 @@ class PrefixTuningMethod(PrefixMethod):
         c = self.config
         encoder = PrefixEncoder(c.num_virtual_tokens, shape.kv_dim, c.encoder_hidden, self.table_width(shape))
         return encoder.to(device, dtype)
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = m·kv + (kv·h + h) + (h·W + W), W = 2·L·kv: the embedding rows (m, kv) and the two linears of the
+        MLP; kv = head_dim · kv_heads, h = encoder_hidden, m = num_virtual_tokens."""
+        s = model_shape(model)
+        m, h, kv = self.config.num_virtual_tokens, self.config.encoder_hidden, s.kv_dim
+        width = 2 * s.num_layers * kv
+        return m * kv + (kv * h + h) + (h * width + width)
 
     def extra_peft_config(self, shape: ModelShape) -> dict[str, Any]:
         return {"init_weights": None, "encoder_hidden_size": self.config.encoder_hidden, "prefix_projection": True}

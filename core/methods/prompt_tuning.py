@@ -25,7 +25,7 @@ from typing import Any, Literal, ClassVar
 import torch
 from torch import nn
 
-from ..blocks import ModelShape
+from ..blocks import ModelShape, model_shape
 from ..config import MethodConfig, _fail, knob
 from .registry import MethodSpec, register
 from .virtual_tokens import PromptMethod, VirtualTable, adapter_placement
@@ -76,6 +76,10 @@ class PromptTuningMethod(PromptMethod):
             if int(ids.max()) >= vocab:
                 raise ValueError(f"PromptTuningConfig.init_text: token id {int(ids.max())} is outside the vocabulary")
         return embed(ids).to(dtype)
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        """N = m·d: the prompt P (m, d), m = num_virtual_tokens, d the hidden size."""
+        return self.config.num_virtual_tokens * model_shape(model).hidden_size
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         # The trained rows are in the file, so PEFT needs no init: RANDOM (TEXT would make it load a tokenizer).

@@ -121,7 +121,10 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"{where}: lr = {spec.lr!r} is invalid: must be in (0, 1]")
     if spec.family not in FAMILIES:
         raise ValueError(f"{where}: family = {spec.family!r} is invalid: choose one of {', '.join(FAMILIES)}")
-    required = ["apply", "remove", "adapter_tensors", "load_adapter_tensors", "adapter_config", "set_enabled"]
+    required = [
+        "apply", "remove", "adapter_tensors", "load_adapter_tensors", "adapter_config", "set_enabled",
+        "expected_trainable",
+    ]
     if spec.can_merge:
         required += ["merge", "unmerge", "bake"]
     if spec.prepares:
