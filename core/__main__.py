@@ -153,8 +153,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, run_dir = resolve_train_config(args)
     _quiet_transformers()
     from . import dist
+    from .events import describe as _describe
     from .preflight import preflight
-    from .train import _describe, train
+    from .train import train
 
     preflight(cfg)  # settings that do not fit the model fail here, before anything is written or loaded
     main_rank = dist.from_env().is_main

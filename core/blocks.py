@@ -100,11 +100,29 @@ def depth_map(model: nn.Module) -> dict[str, int | None]:
     return {n: param_depth(n, blocks_path, len(blocks), embeds) for n, _ in model.named_parameters()}
 
 
-def depth_label(depth: int | None, num_layers: int) -> str:
+def depth_label(depth: int | str | None, num_layers: int | None) -> str:
+    """The name of a depth in events and charts: "embed" (-1), "block l" (0 .. L-1), "head" (L), "prompt" (None).
+
+    ``depth`` may also be the string key of an event's lr_by_depth ("-1", "3", "prompt"); with ``num_layers``
+    None (not known) every depth from 0 up reads as a block."""
+    if isinstance(depth, str):
+        try:
+            depth = int(depth)
+        except ValueError:
+            return "prompt" if depth in ("None", "null", "prompt") else depth
     if depth is None:
         return "prompt"
     if depth < 0:
         return "embed"
-    if depth >= num_layers:
+    if num_layers is not None and depth >= num_layers:
         return "head"
     return f"block {depth}"
+
+
+def label_order(label: str) -> tuple[int, int, str]:
+    """Sort key that puts depth labels bottom to top: embed, block 0 .. block L-1, head, then anything else."""
+    if label == "embed":
+        return (0, 0, label)
+    if label.startswith("block ") and label[6:].isdigit():
+        return (1, int(label[6:]), label)
+    return (2, 0, label) if label == "head" else (3, 0, label)

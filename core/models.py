@@ -33,6 +33,23 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def gpu_count() -> int:
+    """CUDA GPUs this process can see (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+LARGE_GPU_BYTES = 24 * 2**30  # core.advisor: full fine-tuning is advised above this much GPU memory
+
+
+def hardware_class() -> str:
+    """The machine as core.advisor.HARDWARE names it: "cpu", "small_gpu" (one GPU up to 24 GiB) or "large_gpu"
+    (a GPU with more, or several GPUs)."""
+    n = gpu_count()
+    if n == 0:
+        return "cpu"
+    return "large_gpu" if n > 1 or torch.cuda.get_device_properties(0).total_memory > LARGE_GPU_BYTES else "small_gpu"
+
+
 def resolve_device(preference: str = "auto") -> torch.device:
     """CUDA if present, else MPS, else CPU (or exactly what was asked for, if it exists)."""
     if preference == "auto":

@@ -1,37 +1,22 @@
-"""The training loop, written out in one function: setup -> loop -> cleanup. It yields metric events.
+"""The run lifecycle: setup -> a loop of small named steps -> one ending. It yields metric events.
 
     for event in train(cfg, Path("runs/demo")):
         print(event)
 
 The CLI (``python -m core train``), the studio's worker and the tests all drive it like this. Every event is
-also appended, one JSON object per line, to ``<run>/metrics.jsonl``; the studio draws its charts from that file.
+also appended, one JSON object per line, to ``<run>/metrics.jsonl``, and ``<run>/status.json`` is rewritten
+atomically at every event; the schema of both (and the readers) is core.events. ``<run>/train.log`` gets the
+same story in human-readable lines.
 
-Events (the schema the studio reads)
-------------------------------------
-    {"type": "start", "step", "total_steps", "trainable", "total_params", "method", "device", "world_size",
-     "num_layers", "groups": [{"name", "depth"}], "train_examples", "val_examples", "resumed_from"}
-    {"type": "step",  "step", "epoch", "loss", "lr": {group name: lr}, "lr_by_depth": {depth: lr},
-     "grad_norm": {block label: norm}, "tokens_per_s", "elapsed_s", "eta_s", "total_steps"}
-    {"type": "eval",  "step", "eval_loss"}
-    {"type": "end",   "step", "status": "completed" | "stopped" | "failed" | "interrupted", "reason"}
-
-    step          optimiser steps done (1-based in "step" events); checkpoints are named after it
-    epoch         passes over the training set so far, a float (2.5 = half-way through the third epoch)
-    loss          mean cross-entropy per supervised token over the step's global batch (all micro-batches
-                  and ranks), the same normalisation the gradient uses
-    lr            the learning rate each optimiser group used at this step (0 while gradual unfreezing holds
-                  the group back); lr_by_depth keys are core.blocks depths as strings ("-1" embeddings, "0".."L-1"
-                  blocks, "L" head) or "prompt" for method-owned parameters
-    grad_norm     L2 norm of the gradient (before clipping) per block: core.blocks.depth_label, "embed",
-                  "block 0" .. "head", "prompt"; plus "total"
-    tokens_per_s  supervised tokens per second since the previous step event
-    eta_s         seconds left, extrapolated from this session's steps
-
-``<run>/status.json`` is rewritten atomically at every event:
-    {"status": "running" | "completed" | "stopped" | "failed", "step", "total_steps", "reason", "pid", "updated"}
-A worker killed outright (SIGKILL, the OOM killer) cannot say so: ``recover_status(run_dir)`` turns the
-"running" of a dead pid into "interrupted" with the last metrics (and the only "interrupted" end event).
-``<run>/train.log`` gets the same story in human-readable lines.
+How it is built
+---------------
+``_open_session`` joins the process group and installs the stop handlers (what ``train`` must undo in any
+case); ``_setup`` loads data, model and method, builds the optimiser, restores a checkpoint and returns a
+``RunState``. ``_loop`` runs optimiser steps through small named functions (``_schedule``,
+``_accumulate_gradients``, ``_read_metrics``, ``_optimizer_step``, ``_step_event``, ``_eval_due`` /
+``_eval_event``, ``_stop_check``, ``_periodic_checkpoint``) and returns an ``Ending``. ``_decide`` is the one failure policy:
+it turns the loop's ending or any exception into the run's final status and reason. ``_wrap_up`` does the
+final eval and saves what a run that did not fail leaves behind.
 
 What the loop guarantees
 ------------------------
@@ -56,12 +41,12 @@ What the loop guarantees
 * Device: core.models.resolve_device; on CUDA the base model stays in bf16, trainable parameters are kept in
   fp32 and the forward runs under bf16 autocast. ``compile`` wraps the loss computation in torch.compile
   (GPU only). Distributed data parallel under torchrun: see core.dist.
+* A worker killed outright cannot record its end: core.events.recover_status settles it as interrupted.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import random
@@ -69,8 +54,9 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Generator, Iterator
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +75,20 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .data import LengthGroupedBatches, load_examples, split
+from .events import (
+    METRICS_FILE,
+    EndEvent,
+    EvalEvent,
+    StartEvent,
+    Status,
+    StepEvent,
+    append_event,
+    describe,
+    parse_line,
+    recover_status,
+    write_atomic,
+    write_status,
+)
 from .forward import piece_budget, pieces, supervised_loss
 from .methods import Method, build_method, spec
 from .methods.base import RunPlan
@@ -97,12 +97,13 @@ from .preflight import preflight
 from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_groups
 
 STOP_FILE = "STOP"
+Events = Generator[dict[str, Any], None, Any]
 
 
 def train(
     cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, model: nn.Module | None = None, tokenizer=None
 ) -> Iterator[dict[str, Any]]:
-    """Train ``cfg`` into ``run_dir``, yielding one event per log step (schema in the module docstring).
+    """Train ``cfg`` into ``run_dir``, yielding one event per log step (schema: core.events).
 
     ``model``/``tokenizer`` may be passed in (tests, notebooks); otherwise ``cfg.model`` is loaded. The model is
     changed in place: after the run it carries the trained method.
@@ -110,259 +111,456 @@ def train(
     Settings that do not fit the model raise ValueError (naming the field) before anything is loaded or written
     (``preflight``). A run that fails for a known reason (out of memory, a full disk, NaN) ends with an ``end``
     event of status failed whose reason says what to do; anything else is raised after status.json says failed."""
-    tc = cfg.train
-    run_dir = Path(run_dir)
     preflight(cfg, model)
-    device = resolve_device(tc.device)
+    session = _open_session(cfg, Path(run_dir))
+    try:
+        run = _setup(session, resume, model, tokenizer)
+        yield session.files.event(run.start)
+        session.files.status("running", run.p.step, run.p.total_steps, "")
+        ending = _decide(session, (yield from _loop(run)))
+        if ending.status != "failed":
+            yield from _wrap_up(run, ending)
+    except BaseException as e:  # noqa: BLE001 - the policy decides; what it does not know is raised again
+        ending = _decide(session, e)
+        if ending.reraise:
+            session.files.end(ending.status, session.progress.step, session.progress.total_steps, ending.reason)
+            raise
+    finally:
+        session.close()
+    # after cleanup, with any exception and its frames released
+    if ending.status == "failed" and session.device.type == "cuda":
+        torch.cuda.empty_cache()
+    yield session.files.end(ending.status, session.progress.step, session.progress.total_steps, ending.reason)
+
+
+def _loop(run: RunState) -> Generator[dict[str, Any], None, Ending]:
+    """Optimiser steps until ``total_steps``, a stop request or a NaN; yields step and eval events."""
+    p, tc = run.p, run.cfg.train
+    stream = micro_batches(run.batches, p.consumed)
+    if run.rng is not None:
+        set_rng_state(run.rng)  # the very RNG state the uninterrupted run had after this step
+    p.start_clock()
+    run.model.train()
+    while p.step < p.total_steps:
+        log_now = (p.step + 1) % tc.log_every == 0 or p.step + 1 == p.total_steps
+        _schedule(run)
+        measured = _accumulate_gradients(run, stream, log_now)
+        if log_now:
+            metrics = _read_metrics(run, measured)  # the host sync of a log step
+            if (nan := _non_finite(metrics, p.step + 1)) is not None:
+                return nan
+        _optimizer_step(run)
+        if log_now:
+            yield _step_event(run, metrics)
+        if _eval_due(run):
+            yield _eval_event(run)
+        if (stop := _stop_check(run, log_now)) is not None:
+            return stop
+        if (bad := _periodic_checkpoint(run)) is not None:
+            return bad
+    return Ending("completed", f"finished {p.total_steps} steps")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The state setup builds and the loop advances
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ends: ``status`` completed | stopped | failed, a ``reason`` for the user, and whether the
+    exception that ended it is raised again after status.json says so (errors the user cannot act on)."""
+
+    status: str
+    reason: str
+    reraise: bool = False
+
+
+@dataclass
+class Progress:
+    """The counters the loop advances; the failure policy reads them to say where a run failed."""
+
+    phase: str = "setting up"  # "setting up" | "training" | "finishing"
+    step: int = 0  # optimiser steps done
+    total_steps: int = 0
+    start_step: int = 0  # where this session started (a resumed run: its checkpoint's step)
+    consumed: int = 0  # micro-batches drawn so far, all ranks together: the data position
+    elapsed_before: float = 0.0  # seconds the sessions before this one trained
+    bad: Tensor | None = None  # 0-d bool on the device: a non-finite loss or gradient so far (read without sync)
+    tokens_since_log: int = 0
+    t_start: float = 0.0
+    t_last: float = 0.0
+
+    def start_clock(self) -> None:
+        self.phase = "training"
+        self.t_start = self.t_last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint records of the loop (core.checkpoint's trainer_state.json)."""
+        return {"step": self.step, "micro_batches": self.consumed, "elapsed_s": round(self.elapsed(), 3)}
+
+
+@dataclass
+class Session:
+    """What exists from the first moment of ``train``: the device, the process group, the run's files, the
+    stop handlers, and ``cleanup``, which undoes whatever setup switched on (in any case, in reverse order)."""
+
+    cfg: RunConfig
+    device: torch.device
+    world: dist.DistInfo
+    files: RunFiles
+    stop: StopRequest
+    progress: Progress = field(default_factory=Progress)
+    cleanup: ExitStack = field(default_factory=ExitStack)
+
+    def close(self) -> None:
+        self.cleanup.close()
+
+
+@dataclass
+class RunState:
+    """What ``_setup`` returns: the model with its method, the optimiser, the data and the wrapped forward."""
+
+    session: Session
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    batches: LengthGroupedBatches
+    val_batches: LengthGroupedBatches | None
+    loss_module: LossModule  # unwrapped: evaluation runs it directly
+    forward: Callable[..., tuple[Tensor, Tensor]]  # loss_module, wrapped in DDP and/or torch.compile
+    ddp: nn.Module | None
+    autocast: Callable[[], Any]
+    grad_labels: list[tuple[str, list[Tensor]]]  # [(block label, its parameters)] for the grad-norm event
+    num_layers: int
+    micro_per_step: int  # grad_accum · world_size
+    start: StartEvent
+    rng: dict[str, Any] | None  # the checkpoint's RNG state, set right before the first step
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.session.cfg
+
+    @property
+    def p(self) -> Progress:
+        return self.session.progress
+
+    @property
+    def files(self) -> RunFiles:
+        return self.session.files
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def _open_session(cfg: RunConfig, run_dir: Path) -> Session:
+    device = resolve_device(cfg.train.device)
     world = dist.init(device)
     device = dist.rank_device(device, world)
     files = RunFiles(run_dir, enabled=world.is_main)
     stop = StopRequest(run_dir, clear=world.is_main)
-    step, total_steps = 0, 0
-    model_, method, checkpointing = model, None, False
-    failure, looping = None, False  # failure: the reason of a known run failure (out of memory, disk full)
-    try:
-        # ---- setup ------------------------------------------------------------------------------------------
-        files.status("running", 0, 0, "setting up")
-        if world.is_main:
-            remove_stale_temp(run_dir)  # what a killed worker may have left half-written
-        seed_everything(tc.seed)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.model)
-        examples, report = load_examples(cfg.data, tokenizer, tc.max_len)  # a bad dataset fails before the model loads
-        train_set, val_set = split(examples, cfg.data.val_fraction, cfg.data.val_count, tc.seed)
-        if not train_set:
-            raise ValueError(f"DataConfig.path = {cfg.data.path!r}: no training examples left after the split")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # on CPU each batch runs as length-sorted pieces (core.forward.pieces), which removes the padding that
-        # length grouping would save, so batches stay uniformly random there (grouping costs quality)
-        batches = LengthGroupedBatches(train_set, tc.batch_size, tc.seed, pad_id, group=device.type != "cpu")
-        val_batches = None
-        if val_set:
-            val_batches = LengthGroupedBatches(val_set, tc.batch_size, tc.seed, pad_id, shuffle=False)
-        files.log(f"{report.summary()}\ndata: {len(train_set)} train / {len(val_set)} val examples")
-        if model_ is None:
-            model_, _ = load_model(cfg.model, device=device, tokenizer=tokenizer)
-        model = model_.to(device)
-        model.requires_grad_(False)
-
-        torch.manual_seed(tc.seed)  # the method's init does not depend on what loading drew from the RNG
-        method = build_method(cfg.method, tokenizer=tokenizer)
-        method.apply(model)
-        micro_per_step = tc.grad_accum * world.world_size
-        n_micro = len(batches)
-        if tc.max_steps > 0:
-            total_steps = tc.max_steps
-        else:
-            total_steps = max(1, math.ceil(tc.epochs * n_micro / micro_per_step))
-        model.eval()  # no dropout (and no RNG draws) in a method's preparation pass (FishMask's Fisher, FAR's priming)
-        plan = RunPlan(total_steps=total_steps, lr=tc.lr, weight_decay=tc.weight_decay)
-        method.prepare(model, _training_batches(batches, device), _mean_loss_fn(model, method), plan)
-        trainable = method.trainable_parameters(model)
-        amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        if amp:  # bf16 base, fp32 trainable weights and optimiser state, bf16 autocast compute
-            for p in trainable.values():
-                p.data = p.data.float()
-        num_layers = len(find_blocks(model)[1])
-        groups = param_groups(model, trainable, tc.lr, tc.llrd_decay, tc.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_labels = _grad_norm_labels(model, optimizer, num_layers)  # [(label, [params])]
+    session = Session(cfg, device, world, files, stop)
+    session.cleanup.callback(dist.cleanup, world)
+    session.cleanup.callback(stop.restore)
+    return session
 
 
-        start_step, consumed, elapsed_before, resumed_from = 0, 0, 0.0, None
-        ckpt = latest_checkpoint(run_dir) if resume else None
-        if resume and ckpt is None:
-            files.log("resume: no checkpoint found, starting from step 0")
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
-            start_step, consumed = int(state["step"]), int(state["micro_batches"])
-            elapsed_before, resumed_from = float(state.get("elapsed_s", 0.0)), start_step
-            files.log(f"resume: continuing from {ckpt.name}")
-        files.restart_metrics(keep_up_to=start_step if ckpt is not None else None)
+def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -> RunState:
+    """Data, model, method, optimiser, checkpoint: everything the first step needs, and the start event."""
+    cfg, tc, files, device, p = session.cfg, session.cfg.train, session.files, session.device, session.progress
+    files.status("running", 0, 0, "setting up")
+    if session.world.is_main:
+        remove_stale_temp(files.run_dir)  # what a killed worker may have left half-written
+    seed_everything(tc.seed)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    batches, val_batches, n_train, n_val = _data(session, tokenizer)  # a bad dataset fails before the model loads
+    model = (model if model is not None else load_model(cfg.model, device=device, tokenizer=tokenizer)[0]).to(device)
+    model.requires_grad_(False)
+    torch.manual_seed(tc.seed)  # the method's init does not depend on what loading drew from the RNG
+    method = build_method(cfg.method, tokenizer=tokenizer)
+    method.apply(model)
+    micro_per_step = tc.grad_accum * session.world.world_size
+    p.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * len(batches) / micro_per_step))
+    model.eval()  # no dropout (and no RNG draws) in a method's preparation pass (FishMask's Fisher, FAR's priming)
+    plan = RunPlan(total_steps=p.total_steps, lr=tc.lr, weight_decay=tc.weight_decay)
+    method.prepare(model, _training_batches(batches, device), _mean_loss_fn(model, method), plan)
+    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    optimizer, num_layers = _optimizer(model, method, tc, fp32_master=amp)
+    rng = _restore(session, resume, model, optimizer)
+    if tc.grad_checkpointing:
+        _checkpointing(model, True)
+        session.cleanup.callback(_checkpointing, model, False)
+    loss_module = LossModule(model, method)
+    ddp, forward = _wrap_forward(session, loss_module, method.frozen_below(0, 0, num_layers) is not None)
+    trainable, total = method.parameter_counts(model)
+    files.log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters")
+    files.log(describe_groups(optimizer.param_groups))
+    start: StartEvent = {
+        "type": "start", "step": p.start_step, "total_steps": p.total_steps, "trainable": trainable,
+        "total_params": total, "method": method.name, "device": str(device), "world_size": session.world.world_size,
+        "num_layers": num_layers, "groups": [{"name": g["name"], "depth": g["depth"]} for g in optimizer.param_groups],
+        "train_examples": n_train, "val_examples": n_val,
+        "resumed_from": p.start_step if rng is not None else None,
+    }
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    return RunState(session, model, method, optimizer, batches, val_batches, loss_module, forward, ddp, autocast,
+                    _grad_norm_labels(model, optimizer, num_layers), num_layers, micro_per_step, start, rng)
 
-        if tc.grad_checkpointing:
-            _checkpointing(model, True)
-            checkpointing = True
-        loss_module: nn.Module = LossModule(model, method)
-        ddp = None
-        if world.enabled:
-            unfreezing = method.frozen_below(0, 0, num_layers) is not None
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                loss_module,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=unfreezing,  # held-back groups get no gradient
-                broadcast_buffers=False,
-            )
-        forward = ddp if ddp is not None else loss_module
-        if tc.compile and device.type == "cuda":
-            forward = torch.compile(forward)
-        elif tc.compile:
-            files.log("compile: skipped (GPU only)")
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
 
-        trainable_count, total_count = method.parameter_counts(model)
-        files.log(f"method {method.name}: {trainable_count:,} trainable of {total_count:,} parameters")
-        files.log(describe_groups(optimizer.param_groups))
-        yield files.event(
-            {
-                "type": "start",
-                "step": start_step,
-                "total_steps": total_steps,
-                "trainable": trainable_count,
-                "total_params": total_count,
-                "method": method.name,
-                "device": str(device),
-                "world_size": world.world_size,
-                "num_layers": num_layers,
-                "groups": [{"name": g["name"], "depth": g["depth"]} for g in optimizer.param_groups],
-                "train_examples": len(train_set),
-                "val_examples": len(val_set),
-                "resumed_from": resumed_from,
-            }
+def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGroupedBatches | None, int, int]:
+    """(train batches, validation batches or None, train examples, validation examples)."""
+    cfg, tc = session.cfg, session.cfg.train
+    examples, report = load_examples(cfg.data, tokenizer, tc.max_len)
+    train_set, val_set = split(examples, cfg.data.val_fraction, cfg.data.val_count, tc.seed)
+    if not train_set:
+        raise ValueError(f"DataConfig.path = {cfg.data.path!r}: no training examples left after the split")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # on CPU each batch runs as length-sorted pieces (core.forward.pieces), which removes the padding that
+    # length grouping would save, so batches stay uniformly random there (grouping costs quality)
+    batches = LengthGroupedBatches(train_set, tc.batch_size, tc.seed, pad_id, group=session.device.type != "cpu")
+    val_batches = LengthGroupedBatches(val_set, tc.batch_size, tc.seed, pad_id, shuffle=False) if val_set else None
+    session.files.log(f"{report.summary()}\ndata: {len(train_set)} train / {len(val_set)} val examples")
+    return batches, val_batches, len(train_set), len(val_set)
+
+
+def _optimizer(model: nn.Module, method: Method, tc, fp32_master: bool) -> tuple[torch.optim.Optimizer, int]:
+    """AdamW over the LLRD param groups of the method's trainable parameters (core.schedules.param_groups), and
+    the number of blocks. ``fp32_master``: trainable weights (and so AdamW's state) in fp32 under a bf16 base."""
+    trainable = method.trainable_parameters(model)
+    if fp32_master:
+        for t in trainable.values():
+            t.data = t.data.float()
+    num_layers = len(find_blocks(model)[1])
+    groups = param_groups(model, trainable, tc.lr, tc.llrd_decay, tc.weight_decay)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8), num_layers
+
+
+def _restore(session: Session, resume: bool, model: nn.Module, optimizer) -> dict[str, Any] | None:
+    """Load the newest checkpoint when resuming (parameters, AdamW state, the data position); set the progress
+    counters and trim metrics.jsonl to the checkpoint. Returns the checkpoint's RNG state, or None."""
+    files, p = session.files, session.progress
+    ckpt = latest_checkpoint(files.run_dir) if resume else None
+    if resume and ckpt is None:
+        files.log("resume: no checkpoint found, starting from step 0")
+    state = None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        p.start_step, p.consumed = int(state["step"]), int(state["micro_batches"])
+        p.elapsed_before = float(state.get("elapsed_s", 0.0))
+        files.log(f"resume: continuing from {ckpt.name}")
+    p.step = p.start_step
+    p.bad = torch.zeros((), dtype=torch.bool, device=session.device)
+    files.restart_metrics(keep_up_to=p.start_step if ckpt is not None else None)
+    return state["rng"] if state is not None else None
+
+
+def _wrap_forward(session: Session, loss_module: LossModule, unfreezing: bool) -> tuple[nn.Module | None, Callable]:
+    """(the DDP wrapper or None, the forward the loop calls: DDP and/or torch.compile around ``loss_module``)."""
+    device, ddp = session.device, None
+    if session.world.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            loss_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unfreezing,  # held-back groups get no gradient
+            broadcast_buffers=False,
         )
-        files.status("running", start_step, total_steps, "")
-
-        # ---- loop -------------------------------------------------------------------------------------------
-        if ckpt is not None:
-            set_rng_state(state["rng"])  # the very RNG state the uninterrupted run had after this step
-        stream = micro_batches(batches, consumed)
-        bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss/grad so far (no sync)
-        t_start = t_last = time.perf_counter()
-        tokens_since_log = 0
-        end_status, end_reason = "completed", f"finished {total_steps} steps"
-        step, looping = start_step, True
-        model.train()
-        while step < total_steps:
-            epoch = consumed // n_micro
-            below = method.frozen_below(step, epoch, num_layers)
-            apply_unfreezing(optimizer.param_groups, below)
-            mult = lr_multiplier(step, total_steps, tc.warmup_steps, tc.scheduler)
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * mult
-
-            # one optimiser step = grad_accum micro-batches on each of world_size ranks
-            group = [next(stream) for _ in range(micro_per_step)]
-            consumed += micro_per_step
-            n_tokens = sum(b.n_supervised() for b in group)  # CPU tensors: no device sync
-            mine = group[world.rank * tc.grad_accum : (world.rank + 1) * tc.grad_accum]
-            scale = world.world_size / max(1, n_tokens)  # DDP averages over ranks; we want the global sum
-            # each micro-batch runs as length-sorted, right-padded pieces: no attention mask needed (core.forward)
-            work = [p for b in mine for p in pieces(b.input_ids, b.attention_mask, b.labels, *piece_budget(device))]
-            loss_sum = torch.zeros((), device=device)
-            for i, (ids, labels) in enumerate(work):
-                sync = ddp.no_sync() if ddp is not None and i < len(work) - 1 else nullcontext()
-                with sync:
-                    with autocast():
-                        part, _ = forward(ids.to(device, non_blocking=True), None, labels.to(device, non_blocking=True))
-                    (part * scale).backward()
-                loss_sum += part.detach().float()
-            tokens_since_log += n_tokens
-
-            log_now = (step + 1) % tc.log_every == 0 or step + 1 == total_steps
-            norms = _grad_norms(grad_labels) if log_now else None  # before clipping
-            clip = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf  # inf: only measure the norm
-            total_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            bad |= ~torch.isfinite(total_norm) | ~torch.isfinite(loss_sum)
-            if log_now:
-                loss_sum = dist.all_reduce_sum(loss_sum, world)
-                loss = loss_sum.item() / max(1, n_tokens)  # host sync, at log steps only
-                norm_values = dict(zip(norms, torch.stack(list(norms.values())).tolist())) if norms else {}
-                norm_values["total"] = float(total_norm)
-                if not math.isfinite(loss) or not math.isfinite(norm_values["total"]):
-                    what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    end_status = "failed"
-                    end_reason = f"{what} became NaN/inf at step {step + 1}; the run stopped without saving"
-                    break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step(model)
-            step += 1
-
-            if log_now:
-                now = time.perf_counter()
-                done_here = step - start_step
-                lrs = {g["name"]: (g["lr"] if _group_trains(g) else 0.0) for g in optimizer.param_groups}
-                by_depth: dict[str, float] = {}
-                for g in optimizer.param_groups:
-                    by_depth.setdefault("prompt" if g["depth"] is None else str(g["depth"]), lrs[g["name"]])
-                yield files.event(
-                    {
-                        "type": "step",
-                        "step": step,
-                        "epoch": round(consumed / n_micro, 4),
-                        "loss": loss,
-                        "lr": lrs,
-                        "lr_by_depth": by_depth,
-                        "grad_norm": norm_values,
-                        "tokens_per_s": round(tokens_since_log / max(now - t_last, 1e-9), 1),
-                        "elapsed_s": round(elapsed_before + now - t_start, 3),
-                        "eta_s": round((now - t_start) / done_here * (total_steps - step), 1),
-                        "total_steps": total_steps,
-                    }
-                )
-                files.status("running", step, total_steps, "")
-                t_last, tokens_since_log = now, 0
-
-            if val_batches is not None and tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
-                eval_loss = evaluate(loss_module, val_batches, device, autocast, world)
-                yield files.event({"type": "eval", "step": step, "eval_loss": eval_loss})
-                model.train()
-
-            if world.enabled:  # ranks must agree; that costs a collective, so only at log steps
-                local = stop.requested() if log_now else None
-                agreed = log_now and dist.any_rank(local is not None, world, device)
-                stop_reason = (local or "stop requested on another rank") if agreed else None
-            else:
-                stop_reason = stop.requested()
-            if stop_reason is not None and step < total_steps:
-                end_status, end_reason = "stopped", f"{stop_reason} after step {step}"
-                break
-            if tc.save_every and step % tc.save_every == 0 and step < total_steps:
-                if bool(bad):
-                    end_status = "failed"
-                    end_reason = f"loss or gradient became NaN/inf by step {step}; step-{step} was not saved"
-                    break
-                state = _state(step, consumed, elapsed_before + time.perf_counter() - t_start)
-                files.checkpoint(model, method, optimizer, state, cfg.model)
-                dist.barrier(world)
-
-        # ---- cleanup ----------------------------------------------------------------------------------------
-        model.eval()
-        if end_status != "failed" and bool(bad):
-            end_status, end_reason = "failed", "loss or gradient became NaN/inf; the adapter was not saved"
-        if end_status == "completed" and val_batches is not None:
-            eval_loss = evaluate(loss_module, val_batches, device, autocast, world)
-            yield files.event({"type": "eval", "step": step, "eval_loss": eval_loss})
-        if end_status != "failed":
-            state = _state(step, consumed, elapsed_before + time.perf_counter() - t_start)
-            files.checkpoint(model, method, optimizer, state, cfg.model)
-            files.adapter(model, method, cfg.model)
-            dist.barrier(world)
-        yield files.end(end_status, step, total_steps, end_reason)
-    except GeneratorExit:
-        files.end("stopped", step, total_steps, "the caller stopped reading events")
-        raise
-    except BaseException as e:
-        files.safe_log(f"error: {type(e).__name__}: {e}\n{traceback.format_exc()}")  # the details, for train.log
-        failure = run_failure(e, cfg, f"at step {step + 1}" if looping else "while setting up", device)
-        if failure is None:
-            reason = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, RuntimeError)) else str(e)
-            files.end("failed", step, total_steps, reason or type(e).__name__)
-            raise
-    finally:
-        stop.restore()
-        if checkpointing:
-            _checkpointing(model_, False)
-        dist.cleanup(world)
-    if failure is not None:  # after cleanup, with the exception and its frames released
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        yield files.end("failed", step, total_steps, failure)
+    forward = ddp if ddp is not None else loss_module
+    if session.cfg.train.compile and device.type == "cuda":
+        forward = torch.compile(forward)
+    elif session.cfg.train.compile:
+        session.files.log("compile: skipped (GPU only)")
+    return ddp, forward
 
 
 # --------------------------------------------------------------------------------------------------------------
-# After: known failures, runs whose worker died
+# One optimiser step, in the order the loop calls them
+
+
+@dataclass
+class Measured:
+    """What one step's forward/backward leaves on the device: the summed loss, the supervised token count of
+    the global batch, the per-block gradient norms (log steps only) and the total norm (before clipping)."""
+
+    loss_sum: Tensor
+    n_tokens: int
+    norms: dict[str, Tensor] | None
+    total_norm: Tensor
+
+
+def _schedule(run: RunState) -> None:
+    """This step's learning rates (warmup/decay × each group's LLRD factor) and gradual unfreezing."""
+    p, tc, groups = run.p, run.cfg.train, run.optimizer.param_groups
+    below = run.method.frozen_below(p.step, p.consumed // len(run.batches), run.num_layers)
+    apply_unfreezing(groups, below)
+    mult = lr_multiplier(p.step, p.total_steps, tc.warmup_steps, tc.scheduler)
+    for g in groups:
+        g["lr"] = g["initial_lr"] * mult
+
+
+def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Measured:
+    """Forward and backward over this rank's share of ``grad_accum · world_size`` micro-batches, scaled so that
+    the gradient is that of (Σ token losses) / (Σ supervised tokens of the global batch); then the gradient
+    norms and clipping. Nothing here waits for the device."""
+    p, tc, world, device = run.p, run.cfg.train, run.session.world, run.session.device
+    group = [next(stream) for _ in range(run.micro_per_step)]
+    p.consumed += run.micro_per_step
+    n_tokens = sum(b.n_supervised() for b in group)  # CPU tensors: no device sync
+    mine = group[world.rank * tc.grad_accum : (world.rank + 1) * tc.grad_accum]
+    scale = world.world_size / max(1, n_tokens)  # DDP averages over ranks; we want the global sum
+    # each micro-batch runs as length-sorted, right-padded pieces: no attention mask needed (core.forward)
+    work = [x for b in mine for x in pieces(b.input_ids, b.attention_mask, b.labels, *piece_budget(device))]
+    loss_sum = torch.zeros((), device=device)
+    for i, (ids, labels) in enumerate(work):
+        sync = run.ddp.no_sync() if run.ddp is not None and i < len(work) - 1 else nullcontext()
+        with sync:
+            with run.autocast():
+                part, _ = run.forward(ids.to(device, non_blocking=True), None, labels.to(device, non_blocking=True))
+            (part * scale).backward()
+        loss_sum += part.detach().float()
+    p.tokens_since_log += n_tokens
+    norms = _grad_norms(run.grad_labels) if log_now else None  # before clipping
+    clip = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf  # inf: only measure the norm
+    params = [t for g in run.optimizer.param_groups for t in g["params"]]
+    total_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    p.bad |= ~torch.isfinite(total_norm) | ~torch.isfinite(loss_sum)
+    return Measured(loss_sum, n_tokens, norms, total_norm)
+
+
+def _read_metrics(run: RunState, m: Measured) -> tuple[float, dict[str, float]]:
+    """(loss per supervised token of the global batch, {block label or "total": gradient norm}): host values."""
+    loss_sum = dist.all_reduce_sum(m.loss_sum, run.session.world)
+    loss = loss_sum.item() / max(1, m.n_tokens)
+    norms = dict(zip(m.norms, torch.stack(list(m.norms.values())).tolist())) if m.norms else {}
+    norms["total"] = float(m.total_norm)
+    return loss, norms
+
+
+def _non_finite(metrics: tuple[float, dict[str, float]], step: int) -> Ending | None:
+    loss, norms = metrics
+    if math.isfinite(loss) and math.isfinite(norms["total"]):
+        return None
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    return Ending("failed", f"{what} became NaN/inf at step {step}; the run stopped without saving")
+
+
+def _optimizer_step(run: RunState) -> None:
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.method.after_step(run.model)
+    run.p.step += 1
+
+
+def _step_event(run: RunState, metrics: tuple[float, dict[str, float]]) -> StepEvent:
+    """The step event (written to metrics.jsonl, train.log and status.json), for the step just taken."""
+    p, groups = run.p, run.optimizer.param_groups
+    now = time.perf_counter()
+    lrs = {g["name"]: (g["lr"] if any(t.requires_grad for t in g["params"]) else 0.0) for g in groups}
+    by_depth: dict[str, float] = {}
+    for g in groups:
+        by_depth.setdefault("prompt" if g["depth"] is None else str(g["depth"]), lrs[g["name"]])
+    event: StepEvent = {
+        "type": "step", "step": p.step, "epoch": round(p.consumed / len(run.batches), 4), "loss": metrics[0],
+        "lr": lrs, "lr_by_depth": by_depth, "grad_norm": metrics[1],
+        "tokens_per_s": round(p.tokens_since_log / max(now - p.t_last, 1e-9), 1),
+        "elapsed_s": round(p.elapsed_before + now - p.t_start, 3),
+        "eta_s": round((now - p.t_start) / (p.step - p.start_step) * (p.total_steps - p.step), 1),
+        "total_steps": p.total_steps,
+    }
+    run.files.event(event)
+    run.files.status("running", p.step, p.total_steps, "")
+    p.t_last, p.tokens_since_log = now, 0
+    return event
+
+
+def _eval_due(run: RunState) -> bool:
+    """Every ``eval_every`` steps when there is a validation set (the last step evaluates in ``_wrap_up``)."""
+    p, every = run.p, run.cfg.train.eval_every
+    return run.val_batches is not None and bool(every) and p.step % every == 0 and p.step < p.total_steps
+
+
+def _eval_event(run: RunState) -> EvalEvent:
+    """Mean validation loss per supervised token (written to metrics.jsonl); the model goes back to training."""
+    loss = evaluate(run.loss_module, run.val_batches, run.session.device, run.autocast, run.session.world)
+    run.model.train()
+    return run.files.event({"type": "eval", "step": run.p.step, "eval_loss": loss})
+
+
+def _stop_check(run: RunState, log_now: bool) -> Ending | None:
+    """A stop request (signal or STOP file) ends the run after this step. Under DDP the ranks must agree, which
+    costs a collective, so they only look at log steps."""
+    p, world = run.p, run.session.world
+    if world.enabled:
+        local = run.session.stop.requested() if log_now else None
+        agreed = log_now and dist.any_rank(local is not None, world, run.session.device)
+        reason = (local or "stop requested on another rank") if agreed else None
+    else:
+        reason = run.session.stop.requested()
+    if reason is None or p.step >= p.total_steps:
+        return None
+    return Ending("stopped", f"{reason} after step {p.step}")
+
+
+def _periodic_checkpoint(run: RunState) -> Ending | None:
+    """Every ``save_every`` steps (the last step saves in ``_wrap_up``): a checkpoint, unless a NaN/inf was seen,
+    which ends the run instead (failed, nothing saved)."""
+    p, every = run.p, run.cfg.train.save_every
+    if not every or p.step % every or p.step >= p.total_steps:
+        return None
+    if bool(p.bad):
+        return Ending("failed", f"loss or gradient became NaN/inf by step {p.step}; step-{p.step} was not saved")
+    _save(run, adapter=False)
+    return None
+
+
+def _save(run: RunState, adapter: bool) -> None:
+    run.files.checkpoint(run.model, run.method, run.optimizer, run.p.trainer_state(), run.cfg.model)
+    if adapter:
+        run.files.adapter(run.model, run.method, run.cfg.model)
+    dist.barrier(run.session.world)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# How a run ends
+
+
+def _decide(session: Session, outcome: Ending | BaseException) -> Ending:
+    """The one failure policy: the final status and reason of a run, from what ended its loop.
+
+    * The loop's own ending (completed, stopped, failed on a NaN) stands, except that a NaN/inf seen since the
+      last log step fails a run that would otherwise save: no poisoned checkpoint or adapter is written.
+    * The caller closing the generator: stopped (the GeneratorExit is raised again).
+    * Out of memory, a full or failing disk: failed, with what to do (``run_failure``).
+    * Anything else: failed with the error's message, and the exception is raised again (``reraise``).
+    Every exception's traceback goes to train.log."""
+    p = session.progress
+    if isinstance(outcome, Ending):
+        if outcome.status != "failed" and p.bad is not None and bool(p.bad):
+            return Ending("failed", "loss or gradient became NaN/inf; the adapter was not saved")
+        return outcome
+    if isinstance(outcome, GeneratorExit):
+        return Ending("stopped", "the caller stopped reading events", reraise=True)
+    session.files.safe_log(f"error: {type(outcome).__name__}: {outcome}\n{traceback.format_exc()}")
+    where = {"setting up": "while setting up", "finishing": f"after step {p.step}"}.get(p.phase,
+                                                                                   f"at step {p.step + 1}")
+    reason = run_failure(outcome, session.cfg, where, session.device)
+    if reason is not None:
+        return Ending("failed", reason)
+    text = str(outcome) if isinstance(outcome, (ValueError, RuntimeError)) else f"{type(outcome).__name__}: {outcome}"
+    return Ending("failed", text or type(outcome).__name__, reraise=True)
+
+
+def _wrap_up(run: RunState, ending: Ending) -> Events:
+    """What a run that did not fail leaves behind: the final eval (completed runs), the last checkpoint and the
+    adapter in ``<run>/adapter/``."""
+    run.p.phase = "finishing"
+    run.model.eval()
+    if ending.status == "completed" and run.val_batches is not None:
+        yield _eval_event(run)
+        run.model.eval()
+    _save(run, adapter=True)
 
 
 def run_failure(e: BaseException, cfg: RunConfig, where: str, device: torch.device) -> str | None:
@@ -404,75 +602,6 @@ def _write_problem(e: OSError) -> str:
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint or the adapter could not be written; the message says which, why, and what is still intact."""
-
-
-def recover_status(run_dir: str | Path, alive=None) -> dict[str, Any]:
-    """Settle a run whose worker died without a word (SIGKILL, the OOM killer, a crash of the machine).
-
-    When ``<run>/status.json`` still says running but its ``pid`` is gone (``alive(pid)`` decides; default:
-    the process exists and is not a zombie), status.json is rewritten as ``interrupted`` with the last metrics,
-    ``{"status": "interrupted", "step", "total_steps", "reason", "pid", "updated", "last_metrics": {"step",
-    "epoch", "loss", "elapsed_s", "eval_loss"}, "checkpoint": "step-N" | None}``, and an ``end`` event with
-    status interrupted is appended to metrics.jsonl. ``--resume`` continues from that checkpoint. Returns the
-    run's status (unchanged when the worker lives or the run had already ended; {} when there is none)."""
-    run_dir = Path(run_dir)
-    try:
-        status = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(status, dict) or status.get("status") != "running":
-        return status if isinstance(status, dict) else {}
-    pid = status.get("pid")
-    if (alive or _pid_alive)(pid):
-        return status
-    last: dict[str, Any] = {}
-    total = status.get("total_steps", 0)
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue  # the line the kill cut off
-        if e.get("type") == "step":
-            last.update({k: e.get(k) for k in ("step", "epoch", "loss", "elapsed_s")})
-            total = e.get("total_steps", total)
-        elif e.get("type") == "eval":
-            last["eval_loss"] = e.get("eval_loss")
-        elif e.get("type") == "start":
-            total = e.get("total_steps", total)
-    ckpt = latest_checkpoint(run_dir)
-    step = int(last.get("step") or status.get("step") or 0)
-    reason = f"the worker (pid {pid}) ended without finishing, after step {step}"
-    if last.get("loss") is not None:
-        reason += f" (loss {last['loss']:.4f})"
-    reason += f"; resume continues from {ckpt.name}" if ckpt is not None else "; no checkpoint was saved"
-    new = {"status": "interrupted", "step": step, "total_steps": total, "reason": reason, "pid": pid,
-           "updated": time.time(), "last_metrics": last, "checkpoint": ckpt.name if ckpt is not None else None}
-    cut = bool(lines) and not (run_dir / "metrics.jsonl").read_bytes().endswith(b"\n")
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:  # after a cut-off line: on a line of its own
-        f.write(("\n" if cut else "") + json.dumps({"type": "end", "step": step, "status": "interrupted",
-                                                   "reason": reason}) + "\n")
-    _write_atomic(run_dir / "status.json", json.dumps(new, indent=2))
-    return new
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, not yet reaped) still answers kill(0)
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -542,10 +671,6 @@ def _mean_loss_fn(model: nn.Module, method: Method):
     return loss_fn
 
 
-def _group_trains(group: dict) -> bool:
-    return any(p.requires_grad for p in group["params"])
-
-
 def _grad_norm_labels(model: nn.Module, optimizer, num_layers: int) -> list[tuple[str, list[Tensor]]]:
     depths = depth_map(model)
     by_id = {id(p): depths.get(n) for n, p in model.named_parameters()}
@@ -564,10 +689,6 @@ def _grad_norms(labels: list[tuple[str, list[Tensor]]]) -> dict[str, Tensor]:
         if grads:
             out[label] = torch.linalg.vector_norm(torch.stack(grads))
     return out
-
-
-def _state(step: int, consumed: int, elapsed: float) -> dict[str, Any]:
-    return {"step": step, "micro_batches": consumed, "elapsed_s": round(elapsed, 3)}
 
 
 class StopRequest:
@@ -612,26 +733,24 @@ class RunFiles:
             run_dir.mkdir(parents=True, exist_ok=True)
 
     def restart_metrics(self, keep_up_to: int | None) -> None:
-        """A fresh run starts an empty metrics file; a resumed one keeps the events up to its checkpoint."""
-        path = self.run_dir / "metrics.jsonl"
+        """A fresh run starts an empty metrics file; a resumed one keeps its start events and the step and eval
+        events up to its checkpoint (a line cut off by a crash is dropped)."""
+        path = self.run_dir / METRICS_FILE
         if not self.enabled:
             return
         kept = []
         if keep_up_to is not None and path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    e = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut off by a crash
-                if e.get("type") == "start" or e.get("type") in ("step", "eval") and e.get("step", 0) <= keep_up_to:
+                e = parse_line(line)
+                if e is not None and (e["type"] == "start" or e["type"] in ("step", "eval")
+                                      and e.get("step", 0) <= keep_up_to):
                     kept.append(line + "\n")
-        _write_atomic(path, "".join(kept))
+        write_atomic(path, "".join(kept))
 
-    def event(self, e: dict[str, Any]) -> dict[str, Any]:
+    def event(self, e: Any) -> Any:
         if self.enabled:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(e) + "\n")
-            self.log(_describe(e))
+            append_event(self.run_dir, e)
+            self.log(describe(e))
         return e
 
     def safe_log(self, text: str) -> None:
@@ -650,13 +769,13 @@ class RunFiles:
 
     def status(self, status: str, step: int, total_steps: int, reason: str) -> None:
         if self.enabled:
-            s = {"status": status, "step": step, "total_steps": total_steps, "reason": reason, "pid": os.getpid(),
-                 "updated": time.time()}
-            _write_atomic(self.run_dir / "status.json", json.dumps(s, indent=2))
+            record: Status = {"status": status, "step": step, "total_steps": total_steps,  # type: ignore
+                              "reason": reason, "pid": os.getpid(), "updated": time.time()}
+            write_status(self.run_dir, record)
 
     def end(self, status: str, step: int, total_steps: int, reason: str) -> dict[str, Any]:
         """The final event and status (once)."""
-        e = {"type": "end", "step": step, "status": status, "reason": reason}
+        e: EndEvent = {"type": "end", "step": step, "status": status, "reason": reason}  # type: ignore[typeddict-item]
         if not self.ended:
             self.ended = True
             for write in (lambda: self.event(e), lambda: self.status(status, step, total_steps, reason)):
@@ -690,33 +809,5 @@ class RunFiles:
         return CheckpointWriteError(f"could not write {what}: {_write_problem(e)}; {kept}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _describe(e: dict[str, Any]) -> str:
-    """One human-readable line per event, for train.log and the CLI."""
-    t = e["type"]
-    if t == "start":
-        return (f"start: {e['method']} on {e['device']} (x{e['world_size']}), {e['trainable']:,} of "
-                f"{e['total_params']:,} parameters train, {e['total_steps']} steps"
-                + (f", resumed from step {e['resumed_from']}" if e.get("resumed_from") is not None else ""))
-    if t == "step":
-        lr = max(e["lr"].values()) if e["lr"] else 0.0
-        return (f"step {e['step']}/{e['total_steps']}  epoch {e['epoch']:.2f}  loss {e['loss']:.4f}  lr {lr:.2e}  "
-                f"grad {e['grad_norm'].get('total', float('nan')):.3f}  {e['tokens_per_s']:.0f} tok/s  "
-                f"eta {_duration(e['eta_s'])}")
-    if t == "eval":
-        return f"eval at step {e['step']}: loss {e['eval_loss']:.4f}"
-    return f"end: {e['status']} at step {e['step']} ({e['reason']})"
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-__all__ = ["train", "recover_status", "run_failure", "evaluate", "LossModule", "StopRequest",
+__all__ = ["train", "recover_status", "run_failure", "evaluate", "LossModule", "StopRequest", "Ending", "RunState",
            "STOP_FILE"]

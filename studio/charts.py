@@ -1,15 +1,15 @@
-"""Plotly figures drawn from metrics.jsonl events (schema in studio/metrics.py). Pure functions: events in,
+"""Plotly figures drawn from metrics.jsonl events (schema: core.events). Pure functions: events in,
 figure out, so they are tested without a browser and redrawn by the Monitor tab's timer."""
 
 from __future__ import annotations
 
 import math
-import re
-from typing import Any
 
 import plotly.graph_objects as go
 
-from .metrics import of_type
+from core.blocks import depth_label, label_order
+from core.events import finite as _num
+from core.events import of_type
 
 HEIGHT = 320
 COLORS = ["#4f46e5", "#0891b2", "#16a34a", "#d97706", "#db2777", "#7c3aed", "#475569", "#dc2626"]
@@ -35,10 +35,6 @@ def empty(title: str, message: str) -> go.Figure:
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return _layout(fig, title, "", "")
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def ema(values: list[float], alpha: float = 0.9) -> list[float]:
@@ -79,18 +75,6 @@ def loss_figure(events: list[dict], log_scale: bool = False, smoothing: float = 
     if log_scale:
         fig.update_yaxes(type="log")
     return fig
-
-
-def _depth_name(depth: str | int | None, num_layers: int | None) -> str:
-    try:
-        d = int(depth)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "prompt" if depth in (None, "None", "null") else str(depth)
-    if d < 0:
-        return "embed"
-    if num_layers is not None and d >= num_layers:
-        return "head"
-    return f"block {d}"
 
 
 def lr_groups_figure(events: list[dict]) -> go.Figure:
@@ -140,7 +124,7 @@ def lr_depth_figure(events: list[dict]) -> go.Figure:
         except (TypeError, ValueError):
             key = 10**9  # method-owned (None) last
         if _num(v) is not None:
-            items.append((key, _depth_name(k, num_layers), float(v)))
+            items.append((key, depth_label(k, num_layers), float(v)))
     if not items:
         return empty("Current lr by depth", "This method has no per-layer parameters")
     items.sort()
@@ -151,17 +135,6 @@ def lr_depth_figure(events: list[dict]) -> go.Figure:
     return _layout(fig, title, "depth (bottom → top)", "learning rate")
 
 
-def _block_order(label: str) -> tuple[int, int, str]:
-    if label == "embed":
-        return (0, 0, label)
-    m = re.match(r"block (\d+)$", label)
-    if m:
-        return (1, int(m.group(1)), label)
-    if label == "head":
-        return (2, 0, label)
-    return (3, 0, label)
-
-
 def grad_heatmap(events: list[dict], max_columns: int = 300) -> go.Figure:
     """Gradient norm per block (rows, bottom block at the bottom) over steps (columns), colour on a log scale."""
     steps = [e for e in of_type(events, "step") if e.get("grad_norm")]
@@ -170,7 +143,7 @@ def grad_heatmap(events: list[dict], max_columns: int = 300) -> go.Figure:
     if len(steps) > max_columns:  # thin out long runs so the browser stays fast
         stride = math.ceil(len(steps) / max_columns)
         steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
-    labels = sorted({k for e in steps for k in e["grad_norm"] if k != "total"}, key=_block_order)
+    labels = sorted({k for e in steps for k in e["grad_norm"] if k != "total"}, key=label_order)
     z = []
     for label in labels:
         row = []

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.events import duration
+
 from .store import Run
 
 log = logging.getLogger("studio")
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+__all__ = ["log", "duration", "count", "size", "folder_size", "loss", "run_label", "knobs_text", "esc", "user_error"]
 
 
 def count(n: int | None) -> str:

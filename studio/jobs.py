@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import IO
 
 from core.config import RunConfig
+from core.events import pid_alive, read_events, read_status, recover_status, summarize
 
-from .metrics import log_tail, read_events, read_status, summarize, tail_lines
-from .store import Run, RunStore, pid_alive
+from .metrics import log_tail, tail_lines
+from .store import Run, RunStore
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +40,9 @@ CommandFn = Callable[[Path, bool], list[str]]
 def default_slots() -> list[str]:
     """One slot per training device: the CPU, the GPU, or all GPUs together (DDP under torchrun)."""
     try:
-        import torch
+        from core.models import gpu_count  # torch and transformers: only when the queue starts
 
-        n = torch.cuda.device_count()
+        n = gpu_count()
     except Exception:  # noqa: BLE001
         n = 0
     if n == 0:
@@ -290,10 +291,8 @@ def _is_worker_of(pid: int, run_dir: Path) -> bool:
 
 def settle(run_dir: Path) -> None:
     """A worker that died without a word leaves status.json at "running": let the engine record it as
-    interrupted, with its last metrics and an end event (core.train.recover_status). Never raises."""
+    interrupted, with its last metrics and an end event (core.events.recover_status). Never raises."""
     try:
-        from core.train import recover_status
-
         recover_status(run_dir, alive=lambda pid: False)
     except Exception:  # noqa: BLE001 - the registry is still updated from the exit code
         log.exception("could not settle the status of %s", run_dir)

@@ -14,7 +14,6 @@ Every method takes the run id, which is validated (see studio.paths), so no call
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import threading
@@ -25,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from core.config import RunConfig
+from core.events import END_STATUSES, pid_alive
 
 from .paths import UnsafePathError, check_run_id, clean_name, inside, new_run_id
 
 ACTIVE = ("queued", "running")
-FINISHED = ("completed", "stopped", "failed", "interrupted")
+FINISHED = END_STATUSES
 STATUSES = ACTIVE + FINISHED
 
 _COLUMNS = {
@@ -248,7 +248,7 @@ class RunStore:
     def mark_orphans(self, alive: Callable[[Run], bool] | None = None) -> list[str]:
         """Mark every run still 'running' whose worker is gone as interrupted. Returns their ids.
 
-        ``alive(run)`` says whether the run's worker still runs (default: its pid exists)."""
+        ``alive(run)`` says whether the run's worker still runs (default: core.events.pid_alive of its pid)."""
         alive = alive or (lambda r: pid_alive(r.pid))
         marked = []
         for run in self.list(status=("running",)):
@@ -257,19 +257,3 @@ class RunStore:
                 marked.append(run.id)
         return marked
 
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie still answers kill(0); treat it as gone
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True

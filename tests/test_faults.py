@@ -27,6 +27,7 @@ import core.checkpoint as ckpt_mod
 import core.train as train_mod
 from core.__main__ import main
 from core.checkpoint import latest_checkpoint, list_checkpoints, load_adapter, save_adapter
+from core.events import pid_alive
 from core.methods.lora import LoraConfig
 from core.methods import build_method
 from core.train import recover_status
@@ -152,6 +153,21 @@ def test_recover_status_leaves_live_and_finished_runs_alone(tmp_path):
     assert json.loads(lines[-1])["status"] == "interrupted"  # on a line of its own, after the cut one
     (run / "status.json").write_text(json.dumps(dict(st, status="completed", pid=dead.pid)))
     assert recover_status(run)["status"] == "completed"
+
+
+def test_pid_alive_only_for_a_running_process():
+    """core.events.pid_alive, which the studio's queue and registry use too: a bad pid (what a hand-edited
+    status.json may hold) is no process, nor is a zombie, nor a reaped child; one we may not signal still is."""
+    assert pid_alive(os.getpid()) and pid_alive(1)  # pid 1 exists in every pid namespace
+    for bad in (None, 0, -1, True, "1", 1.0, 2**40):
+        assert not pid_alive(bad), bad
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)  # exited, not yet reaped: a zombie still answers kill(pid, 0)
+    assert not pid_alive(child.pid)
+    child.wait()
+    assert not pid_alive(child.pid)
 
 
 # ---- disk full -----------------------------------------------------------------------------------------------

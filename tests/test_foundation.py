@@ -1,10 +1,13 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from core.blocks import depth_map, find_blocks, model_shape
+from core.advisor import HARDWARE
+from core.blocks import depth_label, depth_map, find_blocks, label_order, model_shape
 from core.config import RunConfig, TrainConfig, method_config
 from core.methods.lora import LoraConfig
-from core.models import ModelNotFoundError, load_model, resolve_device
+from core.models import ModelNotFoundError, gpu_count, hardware_class, load_model, resolve_device
 from tiny import tiny_gpt2, tiny_llama
 
 
@@ -57,9 +60,44 @@ def test_missing_model_is_one_clear_sentence():
     assert "\n" not in str(e.value)
 
 
-def test_device_resolution_cpu():
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+def test_depth_labels_from_depths_and_event_keys():
+    depths = [None, 3, 1, -1, 0, 2, 10]
+    labels = [depth_label(d, 3) for d in depths]
+    assert labels == ["prompt", "head", "block 1", "embed", "block 0", "block 2", "head"]
+    assert [depth_label(k, 3) for k in ("-1", "0", "3", "prompt", "None")] == ["embed", "block 0", "head", "prompt",
+                                                                              "prompt"]
+    assert depth_label("5", None) == "block 5"  # number of blocks unknown: no head
+    assert sorted(set(labels), key=label_order) == ["embed", "block 0", "block 1", "block 2", "head", "prompt"]
+    assert sorted(["block 10", "block 9", "head", "embed"], key=label_order) == ["embed", "block 9", "block 10", "head"]
+
+
+def _machine(monkeypatch, gpus: int, mps: bool = False, memory: int = 0):
+    """Pretend the machine has ``gpus`` CUDA GPUs of ``memory`` bytes (and MPS or not)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=memory))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("gpus, mps, expected", [(0, False, "cpu"), (0, True, "mps"), (1, True, "cuda")])
+def test_device_resolution_prefers_cuda_then_mps_then_cpu(monkeypatch, gpus, mps, expected):
+    _machine(monkeypatch, gpus, mps)
+    assert resolve_device("auto") == torch.device(expected)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_device_resolution_refuses_a_missing_gpu(monkeypatch):
+    _machine(monkeypatch, 0)
+    with pytest.raises(ModelNotFoundError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize("gpus, memory, expected", [(0, 0, "cpu"), (1, 16 * 2**30, "small_gpu"),
+                                                    (1, 80 * 2**30, "large_gpu"), (2, 16 * 2**30, "large_gpu")])
+def test_hardware_class_names_the_advisor_hardware(monkeypatch, gpus, memory, expected):
+    _machine(monkeypatch, gpus, memory=memory)
+    assert gpu_count() == gpus
+    assert hardware_class() == expected and expected in HARDWARE
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from core.config import RunConfig, TrainConfig
+from core.events import read_status
 from core.methods.lora import LoraConfig
 from studio.jobs import JobQueue, outcome, worker_command
 from studio.metrics import MetricsTail, log_tail, summarize
@@ -144,7 +145,9 @@ def test_stop_writes_stop_file_and_ends_cleanly(make_queue):
 def test_stubborn_worker_is_terminated_then_killed(make_queue):
     q = make_queue(stop_grace_s=0.2, kill_grace_s=0.3).start()
     run = q.submit(cfg(), name="long stubborn")
-    wait_for(lambda: status_of(q, run.id) == "running")
+    # the worker's own status.json, written once it ignores SIGTERM (the registry says running from the launch on,
+    # and a SIGTERM before the worker's handler is set would end it, not test the escalation to SIGKILL)
+    wait_for(lambda: status_of(q, run.id) == "running" and read_status(run.dir).get("status") == "running")
     q.stop(run.id)
     wait_for(lambda: status_of(q, run.id) == "stopped", timeout=20)
     assert "SIGKILL" in q.store.get(run.id).reason
@@ -229,17 +232,19 @@ def test_metrics_tail_ignores_partial_and_garbage_lines(tmp_path):
 def test_real_worker_killed_then_resumed_to_completion(tmp_path, tiny_model_dir):
     from pathlib import Path
 
+    from core.checkpoint import list_checkpoints
     from core.config import DataConfig
 
     sample = Path(__file__).resolve().parent.parent / "assets" / "identity_sample.json"
     q = JobQueue(RunStore(tmp_path / "data"), slots=["cpu"], poll_s=0.1).start()
     try:
         cfg = RunConfig(model=tiny_model_dir, method=LoraConfig(r=4),
-                        train=TrainConfig(max_steps=8, batch_size=2, max_len=96, save_every=2, lr=1e-3),
+                        train=TrainConfig(max_steps=30, batch_size=2, max_len=96, save_every=2, lr=1e-3),
                         data=DataConfig(path=str(sample)))
         run = q.submit(cfg, name="real")
-        wait_for(lambda: (q.store.get(run.id).dir / "checkpoints").is_dir()
-                 and any((q.store.get(run.id).dir / "checkpoints").iterdir()), timeout=240)
+        # a complete checkpoint, not merely a non-empty checkpoints/ folder: the half-written .step-2.tmp-* of a
+        # checkpoint being saved appears there first, and a kill at that moment leaves nothing to resume from
+        wait_for(lambda: bool(list_checkpoints(q.store.get(run.id).dir)), timeout=240)
         os.kill(q.store.get(run.id).pid, signal.SIGKILL)
         wait_for(lambda: status_of(q, run.id) == "interrupted", timeout=60)
         assert "SIGKILL" in q.store.get(run.id).reason
@@ -247,7 +252,7 @@ def test_real_worker_killed_then_resumed_to_completion(tmp_path, tiny_model_dir)
         wait_for(lambda: status_of(q, run.id) in ("completed", "failed"), timeout=240)
         r = q.store.get(run.id)
         assert r.status == "completed", (r.reason, log_tail(r.dir))
-        assert r.steps == 8 and r.trainable and r.has_adapter
+        assert r.steps == 30 and r.trainable and r.has_adapter
         assert "resumed from step" in (r.dir / "train.log").read_text()
     finally:
         q.shutdown()

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.checkpoint import list_checkpoints, load_adapter
 from core.config import DataConfig, RunConfig, TrainConfig, method_config
+from core.events import EndEvent, EvalEvent, StartEvent, Status, StepEvent, read_events, read_status
 from core.methods.full import FullConfig
 from core.methods.lora import LoraConfig
 from core.forward import logits
@@ -103,15 +104,15 @@ def test_loss_falls_and_files_follow_the_schema(tmp_path):
     # event schema
     start, end = events[0], events[-1]
     assert start["type"] == "start" and end["type"] == "end"
-    assert {"total_steps", "trainable", "total_params", "method", "device", "num_layers", "groups"} <= set(start)
+    assert set(start) == set(StartEvent.__annotations__) and set(end) == set(EndEvent.__annotations__)
     assert start["total_steps"] == 12 and start["method"] == "full" and start["num_layers"] == 2
     assert [g["depth"] for g in start["groups"]] == [-1, 0, 1, 2]
     for e in s:
-        assert {"step", "epoch", "loss", "lr", "lr_by_depth", "grad_norm", "tokens_per_s", "elapsed_s", "eta_s",
-                "total_steps"} <= set(e)
+        assert set(e) == set(StepEvent.__annotations__)
         assert set(e["grad_norm"]) == {"embed", "block 0", "block 1", "head", "total"} and e["tokens_per_s"] > 0
     assert [e["step"] for e in s] == list(range(1, 13))
     evals = [e for e in events if e["type"] == "eval"]
+    assert all(set(e) == set(EvalEvent.__annotations__) for e in evals)
     assert [e["step"] for e in evals] == [5, 10, 12] and all(math.isfinite(e["eval_loss"]) for e in evals)
     assert end["status"] == "completed"
 
@@ -119,6 +120,8 @@ def test_loss_falls_and_files_follow_the_schema(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(events))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert set(status) == set(Status.__required_keys__) and read_status(tmp_path / "run") == status
+    assert read_events(tmp_path / "run") == lines
     assert status["status"] == "completed" and status["step"] == 12 and status["pid"] == os.getpid()
     assert "loss" in (tmp_path / "run" / "train.log").read_text()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-12"]
@@ -170,11 +173,48 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 def test_grad_checkpointing_changes_nothing_but_memory(tmp_path):
     data = write_qa(tmp_path / "qa.json", n=8)
-    plain = run(run_config(data, max_steps=2), tmp_path / "plain")
-    ckpt = run(run_config(data, max_steps=2, grad_checkpointing=True), tmp_path / "ckpt")
+
+    def traced(cfg, out):
+        """The run's events, whether checkpointing was on at each step event, and how many tensors autograd
+        saved for backward (checkpointing keeps only each block's input and recomputes the rest in backward)."""
+        model, on, saved = tiny_lm(), [], [0]
+
+        def pack(t):
+            saved[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            events = run(cfg, out, model=model,
+                         on_event=lambda e: e["type"] == "step" and on.append(model.is_gradient_checkpointing))
+        return events, on, saved[0], model.is_gradient_checkpointing
+
+    plain, plain_on, plain_saved, plain_after = traced(run_config(data, max_steps=2), tmp_path / "plain")
+    ckpt, ckpt_on, ckpt_saved, ckpt_after = traced(run_config(data, max_steps=2, grad_checkpointing=True),
+                                                   tmp_path / "ckpt")
+    assert plain_on == [False, False] and ckpt_on == [True, True]
+    assert ckpt_saved < plain_saved / 2, (ckpt_saved, plain_saved)
+    assert not plain_after and not ckpt_after  # switched off again when the run ends
     assert [e["loss"] for e in steps(plain)] == pytest.approx([e["loss"] for e in steps(ckpt)], rel=1e-6)
     assert [e["grad_norm"]["total"] for e in steps(plain)] == pytest.approx(
         [e["grad_norm"]["total"] for e in steps(ckpt)], rel=1e-5)
+
+
+def test_unfreezing_by_epochs_acts_in_the_loop(tmp_path):
+    data = write_qa(tmp_path / "qa.json", n=8)  # batch 4: two optimiser steps per epoch
+    cfg = run_config(data, method=FullConfig(unfreeze_every=1, unfreeze_unit="epochs"), max_steps=6, lr=1e-3)
+    events = run(cfg, tmp_path / "run")
+    s = steps(events)
+    assert [e["epoch"] for e in s] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    for e in s:
+        epoch = (e["step"] - 1) // 2  # the epoch the step ran in (steps 1-2: epoch 0, 3-4: 1, 5-6: 2)
+        below = max(-1, 1 - epoch)  # the top block (1) and head train from the start, one block more per epoch
+        for depth, lr in e["lr_by_depth"].items():
+            if int(depth) >= below:
+                assert lr == pytest.approx(1e-3), (e["step"], depth)
+            else:
+                assert lr == 0.0, (e["step"], depth)
+    assert [e["lr_by_depth"]["0"] > 0 for e in s] == [False, False, True, True, True, True]
+    assert [e["lr_by_depth"]["-1"] > 0 for e in s] == [False, False, False, False, True, True]
 
 
 @pytest.mark.parametrize(
