@@ -126,18 +126,34 @@ def test_upload_train_watch_chat_export(page, studio, tmp_path):
     page.locator("#ps-hist .js-plotly-plot").wait_for(timeout=20_000)
     shot(page, "tab-data.png")
 
-    # ---- Train: LoRA, a short run ---------------------------------------------------------------------------
+    # ---- Train: the advisor's Apply fills the form ---------------------------------------------------------
+    from core.methods import spec
+    from core.models import load_model_config
+
     tab(page, "Train")
+    page.get_by_text("Not sure which method? Ask the advisor").click()
+    page.get_by_label("smallest artefact", exact=True).check()
+    page.get_by_role("button", name="Recommend").click()
+    wait_text(page, "#ps-advice", "Recommended: Prompt tuning", 20)
+    page.locator("#ps-apply-advice").click()
+    hidden = load_model_config(model).hidden_size
+    wait_text(page, "#ps-estimate", f"{20 * hidden:,} of", 60)  # 20 virtual tokens × hidden size train
+    assert page.locator("#ps-method input").input_value() == spec("prompt_tuning").label
+    assert float(page.get_by_label("Lr (per step)", exact=True).input_value()) == spec("prompt_tuning").lr
+    assert page.get_by_label("Num virtual tokens (tokens)", exact=True).first.input_value() == "20"
+    shot(page, "tab-train-advice.png")
+
+    # ---- Train: LoRA, a short run ---------------------------------------------------------------------------
+    pick(page, "Method", spec("lora").label)
+    assert float(page.get_by_label("Lr (per step)", exact=True).input_value()) == spec("lora").lr
     page.get_by_label("Run name").fill("quill-lora")
     fill_number(page, "Max steps (optimiser steps)", STEPS)
     fill_number(page, "Batch size (examples)", 4)
     fill_number(page, "Eval every (steps)", 6)
-    fill_number(page, "Lr (per step)", 2e-3)
+    # the real model learns its name at 2e-3; the tiny one needs 1e-2 for its greedy answer to change
+    fill_number(page, "Lr (per step)", 2e-3 if BROWSER_MODEL else 1e-2)
     page.get_by_role("button", name="Check configuration").click()
     page.locator("#ps-estimate").get_by_text("Trainable parameters").wait_for(timeout=60_000)
-    page.get_by_text("Not sure which method? Ask the advisor").click()
-    page.get_by_role("button", name="Recommend").click()
-    page.get_by_text("Recommended:").wait_for(timeout=20_000)
     shot(page, "tab-train.png")
     page.locator("#ps-start").click()
 
@@ -177,7 +193,9 @@ def test_upload_train_watch_chat_export(page, studio, tmp_path):
     for col in (0, 1):
         page.locator(f"#ps-latency-{col}").get_by_text("first token").wait_for(timeout=300_000)
     answers = [page.locator(f"#ps-chat-{col} [data-testid='bot']").last.inner_text() for col in (0, 1)]
-    assert all(answers), answers
+    assert all(answers) and answers[0] != answers[1], answers  # the adapter column answers differently
+    if BROWSER_MODEL:  # the real model has learnt its new name (see also tests/test_actions.py, marked slow)
+        assert "Quill" in answers[1] and "Quill" not in answers[0], answers
     (ARTIFACTS / "chat-answers.txt").write_text(f"base: {answers[0]}\nadapter: {answers[1]}\n", encoding="utf-8")
     chat_png = shot(page, "tab-chat.png")
     if os.environ.get("PEFT_STUDIO_UPDATE_SCREENSHOT"):  # the README screenshot: base vs adapter, side by side

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
+from core.schedules import lr_multiplier
 from studio import charts
 from studio.context import StudioContext
 from studio.ui import build_app, launch_options
@@ -73,7 +74,8 @@ def call(client: Client, api: str, overrides: dict | None = None, **kw):
     return client.predict(*args, api_name=api)
 
 
-TRAIN = {"Max steps (optimiser steps)": 6, "Batch size (examples)": 4, "Eval every (steps)": 3, "Lr (per step)": 2e-3,
+# lr 1e-2: six LoRA steps are then enough to change the tiny model's greedy answer (checked in the chat test)
+TRAIN = {"Max steps (optimiser steps)": 6, "Batch size (examples)": 4, "Eval every (steps)": 3, "Lr (per step)": 1e-2,
          "Max length (tokens)": 128}
 
 
@@ -89,7 +91,7 @@ def text_of(message: dict) -> str:
 
 def start(client, app, name, overrides=None):
     """Start a run through the Train tab's handler; returns (status message, run id)."""
-    status, *_ = call(client, "/start_run", {**TRAIN, **(overrides or {})}, run_name=name)
+    status, *_ = call(client, "/start_run", {**TRAIN, **(overrides or {}), "Run name": name})
     assert status.startswith("✓"), status
     return status, next(r.id for r in app[0].store.list() if r.name == name)
 
@@ -168,7 +170,7 @@ BAD_UPLOADS = {
     "binary.json": (bytes(range(256)) * 8, "binary"),
     "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), "UTF-8"),
     "oversized.jsonl": (b'{"text": "' + b"x" * (UPLOAD_LIMIT + 10) + b'"}\n', "limit"),
-    "not_a_list.json": (b'{"instruction": "a", "output": "b"}', ""),
+    "not_a_list.json": (b'{"instruction": "a", "output": "b"}', "holds an object, not a list of objects"),
 }
 
 
@@ -188,15 +190,15 @@ def test_bad_uploads_leave_form_and_runs_untouched(client, app, tiny_model_dir, 
     assert "Trainable parameters" in call(client, "/check_config", TRAIN)
 
 
-def test_wrong_extension_is_refused(client, tiny_model_dir, tmp_path):
+def test_wrong_extension_is_refused(client, app, tiny_model_dir, tmp_path):
+    """gradio itself refuses a file type the component does not accept, before our handler runs."""
     path = tmp_path / "data.txt"
     path.write_text('[{"text": "hello"}]')
-    try:
-        status, *_ = client.predict(handle_file(str(path)), tiny_model_dir, 128, api_name="/upload_dataset")
-    except Exception as e:  # gradio itself refuses file types the component does not accept
-        assert "type" in str(e).lower() or "json" in str(e).lower()
-    else:
-        assert status.startswith("✗") and ".json" in status
+    uploads = sorted(app[0].uploads_dir.iterdir())
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(path)), tiny_model_dir, 128, api_name="/upload_dataset")
+    assert str(e.value) == "Invalid file type. Please upload a file that is one of these formats: ['.json', '.jsonl']"
+    assert sorted(app[0].uploads_dir.iterdir()) == uploads  # nothing was stored
 
 
 # ---- Train tab: validation before any work starts ---------------------------------------------------------
@@ -233,9 +235,37 @@ def test_start_needs_a_dataset(app, tiny_model_dir):
     assert "Data" in status and status.startswith("✗")
 
 
-def test_advisor_recommends_and_applies(client):
+def applied(client) -> dict:
+    """{label: value} of what /apply_advice set (the outputs it leaves alone come back as bare updates)."""
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/apply_advice"]
+    out = client.predict(api_name="/apply_advice")
+    got: dict = {}
+    for r, value in zip(info["returns"], out):
+        if not (isinstance(value, dict) and value.get("__type__") == "update"):
+            got.setdefault(r.get("label"), value)
+    return got
+
+
+def test_advisor_recommends_and_applies(client, tiny_model_dir):
+    from core.methods import spec
+
     text = client.predict(50, "cpu", "smallest", api_name="/advise")
-    assert "prompt tuning" in text.lower() and "Seed table" in text
+    assert "Recommended: Prompt tuning" in text and "Seed table" in text
+    form = applied(client)  # Apply: the form now holds the advised method, its knobs and its lr
+    assert form["Method"] == "prompt_tuning"
+    assert form["Num virtual tokens (tokens)"] == 20 and form["Init"] == "vocab"
+    assert form["Lr (per step)"] == spec("prompt_tuning").lr
+    blurb = [k for k in form if k not in ("Method", "Num virtual tokens (tokens)", "Init", "Lr (per step)")]
+    assert len(blurb) == 1 and "soft tokens" in form[blurb[0]]  # and nothing else changed
+    load_sample(client, tiny_model_dir)
+    form.pop(blurb[0])
+    out = call(client, "/check_config", {**TRAIN, **form})
+    assert "**Trainable parameters:** 640 of" in out, out  # 20 virtual tokens × hidden size 32
+    text = client.predict(50_000, "large_gpu", "quality", api_name="/advise")
+    assert "Recommended: LLRD" in text
+    form = applied(client)
+    assert form["Method"] == "llrd" and form["Llrd decay (factor per block)"] == 0.9
+    assert form["Lr (per step)"] == spec("full").lr
 
 
 # ---- the whole flow: train -> monitor -> runs -> chat -> export ------------------------------------------
@@ -262,6 +292,95 @@ def test_run_completes_and_monitor_draws_charts(client, trained_run):
     assert len(fig["data"][0]["x"]) == 6
     assert "heatmap" in heat["plot"] and "block 1" in heat["plot"]
     assert "end: completed" in log
+    # LoRA has one rate for every group: the lr chart is one cosine curve, the depth chart flat at its last value
+    lr_at = [TRAIN["Lr (per step)"] * lr_multiplier(s - 1, 6, 0, "cosine") for s in range(1, 7)]
+    lr_fig, depth_fig = json.loads(lr["plot"]), json.loads(depth["plot"])
+    assert len(lr_fig["data"]) == 1 and lr_fig["data"][0]["x"] == [1, 2, 3, 4, 5, 6]
+    assert lr_fig["data"][0]["y"] == pytest.approx(lr_at, rel=1e-9)
+    assert depth_fig["data"][0]["x"] == ["block 0", "block 1"]  # LoRA's q/v pairs in both blocks of the tiny model
+    assert depth_fig["data"][0]["y"] == pytest.approx([lr_at[-1]] * 2, rel=1e-9)
+
+
+def step_events(app, run_id) -> list[dict]:
+    return [e for e in app[0].metrics.events(app[0].store.get(run_id).dir) if e["type"] == "step"]
+
+
+def depth_chart(client, run_id) -> dict[str, float]:
+    """The Monitor's 'current lr by depth' bars: {bar label: lr}."""
+    _, _, _, _, _, depth, _ = client.predict(run_id, False, api_name="/monitor")
+    bars = json.loads(depth["plot"])["data"][0]
+    return dict(zip(bars["x"], bars["y"]))
+
+
+def depth_name(d: str, layers: int) -> str:
+    return {"-1": "embed", str(layers): "head"}.get(d, f"block {d}")
+
+
+def test_llrd_run_from_the_studio_follows_the_decay_formula(client, app, tiny_model_dir):
+    """LLRD from the Train tab: at every step, block l trains at lr·decay^(L−l−1); the embeddings sit one step
+    below block 0 (decay^L) and the final norm/head at depth L get lr. Constant schedule: the formula exactly."""
+    load_sample(client, tiny_model_dir)
+    lr, decay, layers = 1e-3, 0.5, 2
+    _, run_id = start(client, app, "llrd run", {"Method": "llrd", "Llrd decay (factor per block)": decay,
+                                                 "Lr (per step)": lr, "Scheduler": "constant",
+                                                 "Max steps (optimiser steps)": 4})
+    assert wait_status(client, run_id)["status"] == "completed"
+    steps = step_events(app, run_id)
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    want = {str(d): lr * decay ** (layers - d - 1) for d in range(layers)}
+    want.update({"-1": lr * decay**layers, str(layers): lr})
+    for e in steps:
+        by_depth = e["lr_by_depth"]
+        assert {"0", "1"} <= set(by_depth) <= set(want), by_depth
+        assert by_depth == pytest.approx({d: want[d] for d in by_depth}, rel=1e-9), (e["step"], by_depth)
+    assert depth_chart(client, run_id) == pytest.approx(
+        {depth_name(d, layers): v for d, v in steps[-1]["lr_by_depth"].items()}, rel=1e-9)
+    assert len(set(steps[-1]["lr_by_depth"].values())) >= 3  # the rates fan out
+
+
+def test_layerwise_run_from_the_studio_follows_the_unfreezing_plan(client, app, tiny_model_dir):
+    """Layer-wise unfreezing every k = 2 steps: steps 1-2 train the top block (and head), steps 3-4 also block 0,
+    from step 5 on the embeddings too; a held-back depth is logged at lr 0, a training one at lr."""
+    load_sample(client, tiny_model_dir)
+    lr, k, layers = 1e-3, 2, 2
+    _, run_id = start(client, app, "layerwise run", {"Method": "layerwise", "Unfreeze every (steps or epochs)": k,
+                                                      "Unfreeze unit": "steps", "Lr (per step)": lr,
+                                                      "Scheduler": "constant", "Max steps (optimiser steps)": 6})
+    assert wait_status(client, run_id)["status"] == "completed"
+    steps = step_events(app, run_id)
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    lowest = {1: 1, 2: 1, 3: 0, 4: 0, 5: -1, 6: -1}  # the plan: one more block downward every k steps
+    for e in steps:
+        by_depth = e["lr_by_depth"]
+        assert {"-1", "0", "1"} <= set(by_depth), by_depth
+        want = {d: (lr if d == "prompt" or int(d) >= lowest[e["step"]] else 0.0) for d in by_depth}
+        assert by_depth == pytest.approx(want, rel=1e-9), (e["step"], by_depth)
+    assert set(depth_chart(client, run_id).values()) == {lr}  # everything trains at the end
+    # and the step at which each block started training, read back from the events
+    first = {d: min(e["step"] for e in steps if e["lr_by_depth"][d] > 0) for d in ("-1", "0", "1")}
+    assert first == {"1": 1, "0": 3, "-1": 5}
+
+
+def test_resume_from_the_runs_tab(client, app, tiny_model_dir):
+    """Stop a run part-way, resume it from the Runs tab: it continues from its checkpoint to the last step."""
+    load_sample(client, tiny_model_dir)
+    _, run_id = start(client, app, "to resume", {"Max steps (optimiser steps)": 60})
+    end = time.time() + 120
+    while (client.predict(run_id, api_name="/run_status")["step"] or 0) < 3 and time.time() < end:
+        time.sleep(0.3)
+    assert "Stopping" in client.predict(run_id, api_name="/stop_run")
+    stopped = wait_status(client, run_id)
+    assert stopped["status"] == "stopped" and 3 <= stopped["step"] < 60, stopped
+    message, table, *_ = client.predict(run_id, [], api_name="/resume_run")
+    assert message.startswith("Resuming **to resume** from its last checkpoint"), message
+    done = wait_status(client, run_id)
+    assert done["status"] == "completed" and done["step"] == 60, done
+    events = app[0].metrics.events(app[0].store.get(run_id).dir)
+    starts = [e for e in events if e["type"] == "start"]
+    assert [s["step"] for s in starts] == [0, stopped["step"]] and starts[1]["resumed_from"] == stopped["step"]
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 61))  # no step lost or repeated
+    row = next(r for r in table["data"] if r[-1] == run_id)
+    assert row[4] in ("queued", "running")
 
 
 def test_runs_table_and_overlay(client, trained_run):
@@ -281,8 +400,16 @@ def test_chat_side_by_side_base_and_adapter(client, trained_run, tiny_model_dir)
     out = job.result(timeout=180)
     bots, latencies = out[:5], out[5:]
     assert bots[0][-1]["role"] == "assistant" and bots[1][-1]["role"] == "assistant"
+    base, adapter = text_of(bots[0][-1]), text_of(bots[1][-1])
+    assert adapter.strip() and base != adapter, (base, adapter)  # the adapter changes the greedy answer
     assert "first token" in latencies[0] and "unmerged" in latencies[1]
-    # multi-turn: the second message keeps the history; merged LoRA reports its latency too
+    # the same question with LoRA merged into the weights: the same greedy answer, its latency reported
+    client.predict(api_name="/chat_clear")
+    client.predict("<b>Who are you?</b>", [trained_run], True, tiny_model_dir, api_name="/chat_send")
+    out = client.submit(0.0, 0.9, 12, "", "merged", api_name="/chat_reply").result(timeout=180)
+    assert text_of(out[1][-1]) == adapter and text_of(out[0][-1]) == base
+    assert "merged" in out[6] and "unmerged" not in out[6]
+    # multi-turn: the second message keeps the history
     client.predict("And again?", [trained_run], True, tiny_model_dir, api_name="/chat_send")
     out = client.submit(0.0, 0.9, 8, "Be brief.", "merged", api_name="/chat_reply").result(timeout=180)
     assert len(out[1]) == 4 and "merged" in out[6]
@@ -298,7 +425,7 @@ def test_empty_and_huge_chat_prompts(client, trained_run, tiny_model_dir):
     assert out[0][-1]["role"] == "assistant"
 
 
-def test_export_adapter_zip_and_merged_model(client, trained_run):
+def test_export_adapter_zip_and_merged_model(client, app, trained_run, tiny_model_dir):
     files, message, snippet = client.predict(trained_run, api_name="/export_adapter")
     with zipfile.ZipFile(files[0]) as z:
         names = z.namelist()
@@ -308,9 +435,24 @@ def test_export_adapter_zip_and_merged_model(client, trained_run):
     files, message, snippet = client.predict(trained_run, api_name="/export_merged")
     assert files and files[0].endswith(".zip") and "AutoModelForCausalLM" in snippet
     folder = message.split("`")[1]
+    import torch
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(folder)  # a plain HF folder: no PEFT code needed
+    from core.checkpoint import load_adapter
+    from core.forward import logits
+    from core.models import load_model
+
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()  # a plain HF folder: no PEFT code needed
+    base, _ = load_model(tiny_model_dir, device="cpu")
+    method = load_adapter(base, app[0].store.get(trained_run).adapter_dir)
+    base.eval()
+    ids = torch.tensor([[1, 17, 404, 9000, 23, 5, 48000, 2]])
+    with torch.no_grad():
+        want = logits(base, method, ids)
+        got = merged(input_ids=ids).logits
+        plain = logits(load_model(tiny_model_dir, device="cpu")[0], None, ids)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, want, atol=1e-5, rtol=1e-4)  # the adapter does change the logits
 
 
 def test_rename_and_delete_with_confirmation(client, app, trained_run, tiny_model_dir):

@@ -8,10 +8,8 @@ from typing import Any
 
 import gradio as gr
 
-from core.generate import GenerationSettings
-
-from ..chat import MAX_PROMPT_CHARS, Column
-from ..format import esc, knobs_text, run_label, user_error
+from .. import actions
+from ..format import esc, run_label, user_error
 from .common import finished_with_adapter
 
 SLOTS = 5  # base + 4 runs
@@ -19,6 +17,12 @@ SLOTS = 5  # base + 4 runs
 
 def shown(history: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": esc(m["content"])} for m in history]
+
+
+def label(column) -> str:
+    """A column's heading: the run's name (or "Base model") in bold, then its method and knobs; as text."""
+    head, _, rest = column.label.partition(" · ")
+    return f"**{esc(head)}** · {esc(rest)}"
 
 
 def create_chat_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
@@ -54,66 +58,42 @@ def create_chat_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         histories = gr.State({})
         pending = gr.State(None)
 
-    def columns(run_ids: list[str] | None, base: bool, model: str | None) -> tuple[str, list[Column]]:
-        chosen = [ctx.store.get(i) for i in (run_ids or [])][:4]
-        chosen = [r for r in chosen if r is not None]
-        models = {r.model for r in chosen}
-        if len(models) > 1:
-            raise ValueError(f"The selected runs use different base models ({', '.join(sorted(models))}); "
-                             "compare runs of one base model at a time.")
-        model = chosen[0].model if chosen else ((model or "").strip() or ctx.default_model)
-        out = [Column("base", f"**Base model** · {esc(model)}", None)] if base or not chosen else []
-        out += [Column(r.id, f"**{esc(r.name)}** · {esc(knobs_text(r))}", r.adapter_dir) for r in chosen]
-        return model, out
-
     def layout(run_ids, base, model, hist):
-        _, cs = columns(run_ids, base, model)
+        _, cs = actions.chat_columns(ctx, run_ids, base, model)
         ups = [gr.update(visible=i < len(cs)) for i in range(SLOTS)]
-        labs = [cs[i].label if i < len(cs) else "" for i in range(SLOTS)]
+        labs = [label(cs[i]) if i < len(cs) else "" for i in range(SLOTS)]
         chats = [shown(hist.get(cs[i].key, [])) if i < len(cs) else [] for i in range(SLOTS)]
         return *ups, *labs, *chats
 
     def on_send(text, run_ids, base, model, hist):
         """Add the user's message to every column's history (the .then step streams the answers)."""
-        text = text or ""
-        if not text.strip():
-            return gr.skip(), "Type a message first.", None, *[gr.skip()] * (2 * SLOTS), hist
-        note = ""
-        if len(text) > MAX_PROMPT_CHARS:
-            note = (f"Your message has {len(text):,} characters; only the first {MAX_PROMPT_CHARS:,} were sent "
-                    "(the model's context could not hold more).")
-            text = text[:MAX_PROMPT_CHARS]
-        model_name, cs = columns(run_ids, base, model)
-        hist = {k: list(v) for k, v in (hist or {}).items()}
-        for c in cs:
-            hist.setdefault(c.key, []).append({"role": "user", "content": text})
-        chats = [shown(hist[cs[i].key]) if i < len(cs) else gr.skip() for i in range(SLOTS)]
-        job = {"model": model_name, "columns": [[c.key, c.label, str(c.adapter) if c.adapter else None] for c in cs]}
-        return "", note, job, *chats, *[""] * SLOTS, hist
+        started = actions.chat_start(ctx, text, run_ids, base, model, hist)
+        hist = started["histories"]
+        if started["job"] is None:
+            return gr.skip(), started["note"], None, *[gr.skip()] * (2 * SLOTS), hist
+        keys = [k for k, _, _ in started["job"]["columns"]]
+        chats = [shown(hist[keys[i]]) if i < len(keys) else gr.skip() for i in range(SLOTS)]
+        return "", started["note"], started["job"], *chats, *[""] * SLOTS, hist
 
     def on_reply(job, hist, temp, p, max_new_v, system_v, merged_v):
         """Stream every column's answer, one column after the other."""
         if not job:
             yield *[gr.skip()] * (2 * SLOTS), hist
             return
-        from pathlib import Path
-
-        settings = GenerationSettings(max_new_tokens=int(max_new_v or 128), temperature=float(temp),
-                                      top_p=float(p), system=system_v or "")
-        cs = [Column(k, lab, Path(a) if a else None) for k, lab, a in job["columns"]]
         hist = {k: list(v) for k, v in hist.items()}
+        keys = [k for k, _, _ in job["columns"]]
         stats = [""] * SLOTS
-        for r in ctx.chat.reply(job["model"], cs, [hist[c.key] for c in cs], settings, merged=merged_v == "merged"):
-            key = cs[r.column].key
-            view = shown(hist[key]) + [{"role": "assistant", "content": esc(r.text)}]
+        for piece in actions.chat_reply(ctx, job, hist, temp, p, max_new_v, system_v, merged_v == "merged"):
+            i = piece["column"]
             out = [gr.skip()] * (2 * SLOTS)
-            out[r.column] = view
-            if r.done:
-                stats[r.column] = out[SLOTS + r.column] = esc(r.stats)
-                hist[key] = hist[key] + [{"role": "assistant", "content": r.text}]
+            if piece["done"]:
+                out[i] = shown(hist[piece["key"]])
+                stats[i] = out[SLOTS + i] = esc(piece["stats"])
+            else:
+                out[i] = shown(hist[piece["key"]]) + [{"role": "assistant", "content": esc(piece["text"])}]
             yield *out, hist
         # the final frame carries every column, so a client that only reads the last one sees the whole answer
-        yield *[shown(hist[cs[i].key]) if i < len(cs) else [] for i in range(SLOTS)], *stats, hist
+        yield *[shown(hist[keys[i]]) if i < len(keys) else [] for i in range(SLOTS)], *stats, hist
 
     def on_clear():
         return {}, *[[] for _ in range(SLOTS)], *[""] * SLOTS

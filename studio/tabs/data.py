@@ -10,8 +10,7 @@ import gradio as gr
 
 from core.data import DataError
 
-from .. import charts
-from ..datasets import inspect, store_upload
+from .. import actions, charts
 from ..format import esc, log
 
 INTRO = (
@@ -53,6 +52,7 @@ def summary_md(d: dict) -> str:
 
 def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     samples = list(ctx.samples())
+    defaults = actions.form_defaults()  # TrainConfig.max_len, DataConfig.val_fraction / val_count
     with gr.Tab("Data", id="data"):
         gr.Markdown(INTRO, elem_classes="ps-intro")
         with gr.Row(equal_height=False):
@@ -63,12 +63,12 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                     sample = gr.Dropdown(samples, value="identity_sample.json" if "identity_sample.json" in samples
                                          else (samples[0] if samples else None), label="…or a bundled sample", scale=3)
                     use_sample = gr.Button("Use sample", variant="secondary", scale=1, elem_id="ps-use-sample")
-                max_len = gr.Number(512, precision=0, minimum=8, maximum=131072, label="Max length (tokens)",
+                max_len = gr.Number(defaults["train.max_len"], precision=0, minimum=8, maximum=131072, label="Max length (tokens)",
                                     info="Examples longer than this are truncated (training uses the same value).")
                 with gr.Row():
-                    val_fraction = gr.Number(0.1, minimum=0, maximum=0.5, step=0.05, label="Validation fraction",
+                    val_fraction = gr.Number(defaults["data.val_fraction"], minimum=0, maximum=0.5, step=0.05, label="Validation fraction",
                                              info="Share of examples held out for the eval loss (0–0.5).")
-                    val_count = gr.Number(0, precision=0, minimum=0, label="…or exactly (examples)",
+                    val_count = gr.Number(defaults["data.val_count"], precision=0, minimum=0, label="…or exactly (examples)",
                                           info="Hold out this many instead (0 = use the fraction).")
             with gr.Column(scale=3, min_width=360):
                 status = gr.Markdown("No dataset loaded yet.", elem_id="ps-data-status")
@@ -85,40 +85,34 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     dataset = shared["dataset"]
     outputs = [dataset, status, issues, preview, hist, index]
 
-    def load(path: Path, name: str, model: str, max_len_v, current: dict | None):
+    def shown(d: dict) -> dict:
+        return {dataset: d, status: summary_md(d), issues: d["issues"][:500], preview: preview_html(d, 1),
+                hist: charts.length_histogram(d["lengths"], d["max_len"]), index: 1}
+
+    def refused(message: str, current: dict | None) -> dict:
+        """A file that cannot be used: say why; the dataset loaded before stays selected, nothing else changes."""
         keep = (f"  \nThe previously loaded dataset **{esc(current['name'])}** is still selected."
                 if current else "")
+        return {status: f"✗ {message}{keep}"}
+
+    def load(inspect_it, name: str, current: dict | None) -> dict:
         try:
-            ml = int(max_len_v or 512)
-            if ml < 8:
-                raise DataError("Max length must be at least 8 tokens.")
-            tok = ctx.tokenizers.get(model or ctx.default_model)
-            d = inspect(path, name, tok, ml, ctx.max_upload_bytes)
+            return shown(inspect_it())
         except DataError as e:
-            return current, f"✗ {esc(e)}{keep}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return refused(esc(e), current)
         except Exception as e:  # noqa: BLE001 - never a traceback in the UI
             log.exception("dataset %s could not be loaded", name)
-            return current, f"✗ {esc(name)} could not be loaded: {esc(str(e)[:200])}{keep}", *[gr.skip()] * 4
-        hist_fig = charts.length_histogram(d["lengths"], ml)
-        return d, summary_md(d), d["issues"][:500], preview_html(d, 1), hist_fig, 1
+            return refused(f"{esc(name)} could not be loaded: {esc(str(e)[:200])}", current)
 
     def on_upload(file_path, model, max_len_v, current):
         """Validate an uploaded file; a bad file leaves the current dataset and every run untouched."""
         if not file_path:
-            return current, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return {}
         name = Path(str(file_path)).name
-        try:
-            stored = store_upload(ctx.uploads_dir, file_path, name, ctx.max_upload_bytes)
-        except DataError as e:
-            keep = f"  \nThe previously loaded dataset **{esc(current['name'])}** is still selected." if current else ""
-            return current, f"✗ {esc(e)}{keep}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return load(stored, name, model, max_len_v, current)
+        return load(lambda: actions.upload_dataset(ctx, file_path, name, model, max_len_v), name, current)
 
     def on_sample(name, model, max_len_v, current):
-        path = ctx.samples().get(name or "")
-        if path is None:
-            return current, f"✗ Unknown sample {esc(name)!s}; choose one from the list.", *[gr.skip()] * 4
-        return load(path, name, model, max_len_v, current)
+        return load(lambda: actions.use_sample(ctx, name, model, max_len_v), str(name), current)
 
     upload.upload(on_upload, [upload, shared["model"], max_len, dataset], outputs, api_name="upload_dataset")
     use_sample.click(on_sample, [sample, shared["model"], max_len, dataset], outputs, api_name="use_sample")

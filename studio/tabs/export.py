@@ -7,7 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..export import adapter_zip, can_merge, loading_snippet, merged_model
+from .. import actions
+from ..export import can_merge, loading_snippet
 from ..format import esc, run_label, user_error
 from .common import finished_with_adapter, safe_get
 
@@ -39,19 +40,13 @@ def create_export_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         return text, loading_snippet(r), gr.update(interactive=can_merge(r))
 
     def on_zip(run_id):
-        r = ctx.store.require(run_id) if run_id else None
-        if r is None:
-            raise ValueError("Choose a run first.")
-        path = adapter_zip(ctx.exports_dir, r)
-        return [str(path)], f"Adapter of **{esc(r.name)}** zipped ({path.stat().st_size / 2**20:.2f} MB).", loading_snippet(r)
+        z = actions.export_adapter(ctx, run_id)
+        return [z["path"]], f"Adapter of **{esc(z['name'])}** zipped ({z['bytes'] / 2**20:.2f} MB).", z["snippet"]
 
     def on_merge(run_id):
-        r = ctx.store.require(run_id) if run_id else None
-        if r is None:
-            raise ValueError("Choose a run first.")
-        folder, archive = merged_model(ctx.exports_dir, r)
-        msg = f"Merged model of **{esc(r.name)}** written to `{esc(folder)}`."
-        return [str(archive)] if archive else [], msg, loading_snippet(r, folder)
+        m = actions.export_merged(ctx, run_id)
+        msg = f"Merged model of **{esc(m['name'])}** written to `{esc(m['folder'])}`."
+        return [m["archive"]] if m["archive"] else [], msg, m["snippet"]
 
     def refresh(current):
         runs = finished_with_adapter(ctx)

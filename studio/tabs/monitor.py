@@ -11,9 +11,9 @@ from typing import Any
 
 import gradio as gr
 
-from .. import charts
+from .. import actions, charts
 from ..format import duration, esc, loss
-from ..metrics import log_tail, of_type, summarize
+from ..metrics import log_tail, summarize
 from .common import default_run, run_choices, safe_get
 
 STATUS_COLORS = {"queued": "#64748b", "running": "#4f46e5", "completed": "#16a34a", "stopped": "#d97706",
@@ -99,7 +99,7 @@ def create_monitor_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     timer.tick(tick, [run_dd, log_scale, seen], outputs, show_progress="hidden", api_visibility="private")
     run_dd.change(tick, [run_dd, log_scale, fresh], outputs, show_progress="hidden", api_name="monitor")
     log_scale.change(tick, [run_dd, log_scale, seen], outputs, show_progress="hidden", api_visibility="private")
-    stop.click(lambda rid: esc(ctx.jobs.stop(rid)) if rid else "", run_dd, stats, api_visibility="private")
+    stop.click(lambda rid: esc(actions.stop_run(ctx, rid)) if rid else "", run_dd, stats, api_visibility="private")
     shared["monitor_run"].change(lambda rid: gr.update(choices=run_choices(ctx), value=rid) if rid else gr.skip(),
                                  shared["monitor_run"], run_dd, api_visibility="private")
     tab.select(lambda cur: gr.update(choices=run_choices(ctx), value=cur or default_run(ctx)), run_dd, run_dd,
@@ -107,14 +107,7 @@ def create_monitor_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
 
     def run_status(run_id: str) -> dict:
         """Machine-readable state of a run (for scripts and tests)."""
-        run = safe_get(ctx, run_id)
-        if run is None:
-            return {"status": "missing"}
-        s = summarize(ctx.metrics.events(run.dir))
-        return {"id": run.id, "name": run.name, "status": run.status, "reason": run.reason,
-                "step": s.get("steps"), "total_steps": s.get("total_steps"), "loss": s.get("final_loss"),
-                "eval_loss": s.get("final_eval_loss"), "position": ctx.jobs.position(run.id),
-                "events": len(of_type(ctx.metrics.events(run.dir), "step"))}
+        return actions.run_status(ctx, run_id)
 
     shared["apis"].append((run_status, "run_status"))  # registered by ui.py, outside the Tabs
     return {"run": run_dd, "progress": progress, "loss": loss_plot, "heat": heat, "lr": lr_plot, "depth": depth_plot,

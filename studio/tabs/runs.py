@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from .. import charts
+from .. import actions, charts
 from ..format import count, duration, esc, folder_size, loss, size, user_error
 from .common import run_choices, safe_get
 
@@ -60,32 +60,23 @@ def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         return charts.overlay_figure([(r.name, ctx.metrics.events(r.dir)) for r in runs if r], log_scale=bool(log_y))
 
     def on_rename(run_id, name, sel):
-        if not run_id:
-            return "Choose a run first.", *refreshed(sel, run_id)
-        new = ctx.store.rename(run_id, name)
+        new = actions.rename_run(ctx, run_id, name)
         return f"Renamed to **{esc(new)}**.", *refreshed(sel, run_id)
 
     def on_resume(run_id, sel):
-        if not run_id:
-            return "Choose a run first.", *refreshed(sel, run_id)
-        ctx.jobs.resume(run_id)
-        pos = ctx.jobs.position(run_id)
-        return (f"Resuming **{esc(ctx.store.require(run_id).name)}** from its last checkpoint"
-                + (f" (queue position {pos})." if pos and ctx.jobs.running() else ".")), *refreshed(sel, run_id)
+        r = actions.resume_run(ctx, run_id)
+        where = f" (queue position {r['position']})." if r["position"] else "."
+        return f"Resuming **{esc(r['name'])}** from its last checkpoint{where}", *refreshed(sel, run_id)
 
     def on_delete(run_id):
-        if not run_id:
-            return gr.update(visible=False), "", "Choose a run first."
-        run = ctx.store.require(run_id)
-        if run.active:
-            return gr.update(visible=False), "", f"**{esc(run.name)}** is {run.status}; stop it before deleting it."
-        return gr.update(visible=True), f"Delete **{esc(run.name)}** and its folder for good?", ""
+        d = actions.delete_check(ctx, run_id)
+        if not d["deletable"]:
+            return gr.update(visible=False), "", esc(d["reason"])
+        return gr.update(visible=True), f"Delete **{esc(d['name'])}** and its folder for good?", ""
 
     def on_confirm(run_id, sel):
-        run = ctx.store.require(run_id)
-        ctx.store.delete(run_id)
-        ctx.metrics.forget(run.dir)
-        return gr.update(visible=False), f"Deleted **{esc(run.name)}**.", *refreshed(sel, None)
+        name = actions.delete_run(ctx, run_id)
+        return gr.update(visible=False), f"Deleted **{esc(name)}**.", *refreshed(sel, None)
 
     lists = [runs_table, compare, target]
     refresh.click(refreshed, [compare, target], lists, api_name="runs_table")

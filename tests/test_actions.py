@@ -1,0 +1,227 @@
+"""studio.actions without a browser or a server: named form values -> RunConfig -> preflight -> the job queue,
+and the other things the tabs do (datasets, advisor, runs, chat, export), on the tiny model of conftest.py."""
+
+import json
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.advisor import GOALS, HARDWARE, recommend
+from core.config import DataConfig, RunConfig, TrainConfig, method_config
+from core.data import DataError
+from core.methods import spec
+from studio import actions
+from studio.context import StudioContext
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = str(ROOT / "assets" / "identity_sample.json")
+LIMIT = 256 * 1024
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_model_dir):
+    """A studio context whose queue is not started: submitted runs stay queued."""
+    c = StudioContext.create(tmp_path / "data", default_model=tiny_model_dir, max_upload_bytes=LIMIT, start_jobs=False)
+    yield c
+    c.close()
+
+
+def test_actions_import_no_gradio():
+    code = "import sys, studio.actions; assert 'gradio' not in sys.modules, 'studio.actions imported gradio'"
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_defaults_are_cores_and_the_same_run_as_the_cli():
+    d = actions.form_defaults()
+    assert {k[6:]: v for k, v in d.items() if k.startswith("train.")} == {
+        n: getattr(TrainConfig(), n) for n in actions.TRAIN_FORM}
+    assert d["train.epochs"] == TrainConfig().epochs and d["train.eval_every"] == TrainConfig().eval_every
+    assert (d["train.max_len"], d["data.val_fraction"], d["data.val_count"]) == (
+        TrainConfig().max_len, DataConfig().val_fraction, DataConfig().val_count)
+    for e in actions.ENTRIES:  # every knob of every entry defaults to its config's default or the preset's value
+        cfg = spec(e.method).config_cls()
+        for n in e.fields:
+            assert d[actions.knob_id(e.key, n)] == e.defaults.get(n, getattr(cfg, n)), (e.key, n)
+    # a form with nothing but the method and the data is the CLI's run: every other value is core's default
+    cfg = actions.build_config({"method": "lora", "data.path": SAMPLE})
+    cli = RunConfig(method=method_config("lora"), data=DataConfig(path=SAMPLE))
+    assert cfg.to_dict() == cli.to_dict()
+    # and the whole default form (what a fresh page sends) is the same run too
+    full = dict(d, **{"data.path": SAMPLE})
+    assert actions.build_config(full).to_dict() == cli.to_dict()
+
+
+def test_named_knobs_only_of_the_chosen_entry():
+    cfg = actions.build_config({
+        "method": "lora", "lora.r": 4.0, "lora.targets": "q_proj, k_proj", "train.lr": 1e-3, "train.max_steps": 7,
+        "full.freeze_bottom": 99, "prompt_tuning.num_virtual_tokens": 0,  # other entries' knobs: ignored
+        "data.val_count": 3, "model": " some/model ",
+    }, max_bytes=1234)
+    assert cfg.method_name == "lora" and cfg.method.r == 4 and isinstance(cfg.method.r, int)
+    assert cfg.method.targets == ["q_proj", "k_proj"]
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 7
+    assert cfg.data.val_count == 3 and cfg.data.max_bytes == 1234 and cfg.model == "some/model"
+
+
+def test_presets_set_their_values_and_take_their_own_knobs():
+    llrd = actions.build_config({"method": "llrd"})
+    assert llrd.method_name == "full" and llrd.train.llrd_decay == 0.9
+    assert actions.build_config({"method": "llrd", "llrd.train.llrd_decay": 0.8}).train.llrd_decay == 0.8
+    lw = actions.build_config({"method": "layerwise", "layerwise.unfreeze_every": 3})
+    assert lw.method_name == "full" and lw.method.unfreeze_every == 3 and lw.train.llrd_decay == 1.0
+    assert actions.build_config({"method": "layerwise"}).method.unfreeze_every == 10
+    assert actions.entry_for("full", {}, {"llrd_decay": 0.9}) == "llrd"
+
+
+@pytest.mark.parametrize("form, needle", [
+    ({"method": "lora", "lora.rank": 4}, "unknown form field(s) lora.rank"),
+    ({"method": "nope"}, "Method: choose one of"),
+    ({"method": "lora", "lora.r": None}, "R: enter a value"),
+    ({"method": "lora", "train.lr": None}, "Lr: enter a value"),
+    ({"method": "lora", "lora.r": 0}, "LoraConfig.r = 0 is invalid"),
+    ({"method": "lora", "train.batch_size": 0}, "TrainConfig.batch_size = 0 is invalid"),
+    ({"method": "lora", "data.val_fraction": 0.9}, "DataConfig.val_fraction = 0.9 is invalid"),
+])
+def test_bad_forms_name_the_field(form, needle):
+    with pytest.raises(ValueError) as e:
+        actions.build_config(form)
+    assert needle in str(e.value)
+
+
+def test_datasets_sample_upload_and_refusals(ctx, tmp_path):
+    d = actions.use_sample(ctx, "identity_sample.json", max_len=128)
+    assert d["format"] == "instruction" and d["valid_rows"] == d["total_rows"] > 0 and d["max_len"] == 128
+    json.dumps(d)  # plain data
+    good = tmp_path / "mine.jsonl"
+    good.write_text('{"text": "hello there"}\n{"text": "general kenobi"}\n', encoding="utf-8")
+    up = actions.upload_dataset(ctx, str(good), max_len=64)
+    assert up["name"] == "mine.jsonl" and up["valid_rows"] == 2 and Path(up["path"]).parent == ctx.uploads_dir
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"instruction": "a"', encoding="utf-8")
+    with pytest.raises(DataError, match="bad.json"):
+        actions.upload_dataset(ctx, str(bad))
+    with pytest.raises(DataError, match="only .json and .jsonl"):
+        actions.upload_dataset(ctx, str(good), name="data.txt")
+    with pytest.raises(DataError, match="Unknown sample 'nope.json'"):
+        actions.use_sample(ctx, "nope.json")
+    with pytest.raises(DataError, match="at least 8"):
+        actions.use_sample(ctx, "identity_sample.json", max_len=4)
+
+
+def test_check_start_stop_rename_resume_delete(ctx, tmp_path):
+    form = {"method": "lora", "lora.r": 4, "train.max_steps": 3, "train.batch_size": 2, "train.max_len": 64}
+    est = actions.check(ctx, form)
+    assert est["trainable"] > 0 and est["total"] > est["trainable"] and "Trainable parameters" in est["markdown"]
+    with pytest.raises(ValueError, match="Load a dataset in the Data tab first"):
+        actions.start_run(ctx, form)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(Path(SAMPLE).read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(ValueError, match="data.path: only an uploaded dataset or a bundled sample"):
+        actions.start_run(ctx, {**form, "data.path": str(outside)})
+    with pytest.raises(ValueError, match="available: q_proj"):  # the engine's preflight, before anything is queued
+        actions.start_run(ctx, {**form, "lora.targets": ["no_such_proj"], "data.path": SAMPLE})
+    assert ctx.store.list() == []
+
+    run = actions.start_run(ctx, {**form, "data.path": SAMPLE, "name": "  first  "})
+    json.dumps(run)
+    assert run["name"] == "first" and run["estimate"]["trainable"] == est["trainable"]
+    saved = RunConfig.from_dict(yaml.safe_load((ctx.store.get(run["id"]).dir / "config.yaml").read_text()))
+    expected = actions.config_of(ctx, {**form, "data.path": str(Path(SAMPLE).resolve())})
+    assert saved.to_dict() == dict(expected.to_dict(), name="first")
+    assert actions.run_status(ctx, run["id"])["status"] == "queued"
+    assert actions.run_status(ctx, "../../etc") == {"status": "missing"}
+    assert "removed from the queue" in actions.stop_run(ctx, run["id"])
+    assert actions.run_status(ctx, run["id"])["status"] == "stopped"
+    assert actions.stop_run(ctx) == "Nothing is running."
+    assert actions.rename_run(ctx, run["id"], "second") == "second"
+    with pytest.raises(ValueError, match="Choose a run first"):
+        actions.rename_run(ctx, "", "x")
+    assert actions.resume_run(ctx, run["id"])["name"] == "second"
+    assert ctx.store.get(run["id"]).status == "queued"
+    check = actions.delete_check(ctx, run["id"])
+    assert not check["deletable"] and "stop it before deleting it" in check["reason"]
+    actions.stop_run(ctx, run["id"])
+    assert actions.delete_check(ctx, run["id"])["deletable"]
+    folder = ctx.store.get(run["id"]).dir
+    assert actions.delete_run(ctx, run["id"]) == "second"
+    assert ctx.store.get(run["id"]) is None and not folder.exists()
+
+
+@pytest.mark.parametrize("rows, hardware, goal", list(product([50, 2_000, 50_000], HARDWARE, GOALS)))
+def test_applied_advice_is_the_advised_run(rows, hardware, goal):
+    """Apply puts the advice into the form; the form then builds exactly the advised method, knobs and train values."""
+    a = recommend(rows, hardware, goal)
+    advice = actions.advise(rows, hardware, goal)
+    json.dumps(advice)
+    assert advice["method"] == a.method and advice["label"] == a.label and advice["reasons"] == a.reasons
+    form = actions.apply_advice(advice)
+    assert form == advice["form"] and form["method"] in actions.BY_KEY
+    cfg = actions.build_config({**actions.form_defaults(), **form})
+    assert cfg.method_name == a.method
+    expected = method_config(a.method, {**actions.BY_KEY[form["method"]].defaults, **a.method_config})
+    assert cfg.method.to_dict() == expected.to_dict()
+    for k, v in a.train.items():
+        assert getattr(cfg.train, k) == v, k
+
+
+def test_advice_for_llrd_lands_on_the_llrd_entry():
+    advice = actions.advise(50_000, "large_gpu", "quality")
+    assert advice["form"]["method"] == "llrd" and advice["form"]["llrd.train.llrd_decay"] == 0.9
+    assert advice["form"]["train.lr"] == spec("full").lr
+
+
+def test_real_run_chat_and_export(tmp_path, tiny_model_dir):
+    """One short LoRA run through the real worker, then chat (base vs adapter) and both exports."""
+    c = StudioContext.create(tmp_path / "data", default_model=tiny_model_dir, max_upload_bytes=LIMIT)
+    try:
+        run = actions.start_run(c, {"method": "lora", "data.path": SAMPLE, "train.max_steps": 6,
+                                    "train.batch_size": 4, "train.lr": 1e-2, "train.max_len": 128, "name": "quill"})
+        end = time.time() + 300
+        while actions.run_status(c, run["id"])["status"] in ("queued", "running") and time.time() < end:
+            time.sleep(0.5)
+        st = actions.run_status(c, run["id"])
+        assert st["status"] == "completed" and st["step"] == 6, st
+        answers = actions.chat(c, "What is your name?", [run["id"]], True, max_new_tokens=12)
+        assert list(answers) == ["base", run["id"]]
+        assert answers[run["id"]]["text"].strip() and answers["base"]["text"] != answers[run["id"]]["text"], answers
+        merged = actions.chat(c, "What is your name?", [run["id"]], False, max_new_tokens=12, merged=True)
+        assert merged[run["id"]]["text"] == answers[run["id"]]["text"]
+        assert "merged" in merged[run["id"]]["stats"] and "unmerged" in answers[run["id"]]["stats"]
+        z = actions.export_adapter(c, run["id"])
+        assert Path(z["path"]).is_file() and z["bytes"] > 0 and "PeftModel" in z["snippet"]
+        m = actions.export_merged(c, run["id"])
+        assert (Path(m["folder"]) / "config.json").is_file() and m["archive"].endswith(".zip")
+        with pytest.raises(ValueError, match="Type a message first"):
+            actions.chat(c, "  ", [run["id"]])
+    finally:
+        for r in c.store.list(status=("running", "queued")):
+            c.jobs.stop(r.id)
+        c.close()
+
+
+@pytest.mark.slow
+def test_real_model_learns_its_name_quill(tmp_path):
+    """On the bundled SmolLM2-135M: 40 LoRA steps on the identity sample, then the adapter says it is Quill and
+    the base model does not."""
+    c = StudioContext.create(tmp_path / "data", max_upload_bytes=LIMIT)
+    try:
+        run = actions.start_run(c, {"method": "lora", "data.path": SAMPLE, "train.max_steps": 40,
+                                    "train.batch_size": 4, "train.lr": 2e-3, "train.max_len": 128, "name": "quill"})
+        end = time.time() + 1800
+        while actions.run_status(c, run["id"])["status"] in ("queued", "running") and time.time() < end:
+            time.sleep(2)
+        assert actions.run_status(c, run["id"])["status"] == "completed"
+        answers = actions.chat(c, "What is your name?", [run["id"]], True, max_new_tokens=24)
+        assert "Quill" in answers[run["id"]]["text"], answers
+        assert "Quill" not in answers["base"]["text"], answers
+    finally:
+        for r in c.store.list(status=("running", "queued")):
+            c.jobs.stop(r.id)
+        c.close()
