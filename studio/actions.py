@@ -191,16 +191,10 @@ def _device(pref: str, hardware: str) -> str:
 
 
 def detect_hardware() -> str:
-    """The advisor's hardware class of this machine: cpu, small_gpu or large_gpu."""
-    try:
-        import torch
+    """The advisor's hardware class of this machine: cpu, small_gpu or large_gpu (core.models owns the check)."""
+    from core.models import hardware_class
 
-        if torch.cuda.is_available():
-            mem = torch.cuda.get_device_properties(0).total_memory
-            return "large_gpu" if torch.cuda.device_count() > 1 or mem > 24 * 2**30 else "small_gpu"
-    except Exception:  # noqa: BLE001
-        pass
-    return "cpu"
+    return hardware_class()
 
 
 def check(ctx, form: dict[str, Any], dataset: dict | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from .context import StudioContext
-from .security import HideApiInfoWhenLoggedOut
+from .security import HideApiInfoWhenLoggedOut, LoginThrottle, ThrottleLogins
 from .tabs.chat import create_chat_tab
 from .tabs.common import default_run, run_choices
 from .tabs.data import create_data_tab
@@ -74,8 +74,11 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
     return demo
 
 
-def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests)."""
+def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
+                   throttle: LoginThrottle | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests). With auth, failed
+    sign-ins are throttled per address (``throttle``, default LoginThrottle())."""
+    middleware = [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins, throttle=throttle or LoginThrottle())]
     return {
         "theme": theme(),
         "css_paths": [CSS_PATH] if CSS_PATH.exists() else None,
@@ -85,5 +88,5 @@ def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None) -> d
         "allowed_paths": [str(ctx.exports_dir)],
         "show_error": False,
         "favicon_path": str(LOGO_PATH) if LOGO_PATH.exists() else None,
-        "app_kwargs": {"middleware": [Middleware(HideApiInfoWhenLoggedOut)]} if auth else None,
+        "app_kwargs": {"middleware": middleware} if auth else None,
     }

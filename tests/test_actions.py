@@ -208,12 +208,13 @@ def test_real_run_chat_and_export(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_real_model_learns_its_name_quill(tmp_path):
-    """On the bundled SmolLM2-135M: 40 LoRA steps on the identity sample, then the adapter says it is Quill and
-    the base model does not."""
+    """On the bundled SmolLM2-135M, the README's headless LoRA recipe (r 16 on every linear, lr 2e-3, 30 steps of
+    8) started from the studio's actions: the adapter says it is Quill and the base model does not."""
     c = StudioContext.create(tmp_path / "data", max_upload_bytes=LIMIT)
     try:
-        run = actions.start_run(c, {"method": "lora", "data.path": SAMPLE, "train.max_steps": 40,
-                                    "train.batch_size": 4, "train.lr": 2e-3, "train.max_len": 128, "name": "quill"})
+        run = actions.start_run(c, {"method": "lora", "data.path": SAMPLE, "lora.r": 16, "lora.alpha": 32,
+                                    "lora.targets": ["all-linear"], "train.max_steps": 30, "train.batch_size": 8,
+                                    "train.lr": 2e-3, "train.max_len": 128, "name": "quill"})
         end = time.time() + 1800
         while actions.run_status(c, run["id"])["status"] in ("queued", "running") and time.time() < end:
             time.sleep(2)

@@ -76,3 +76,27 @@ def test_middleware_counts_failures_per_address_and_answers_429_when_locked(monk
     assert locked.status_code == 429 and int(locked.headers["retry-after"]) == 30
     assert "try again in 30 s" in locked.json()["detail"]
     assert other == 200
+
+
+def test_the_running_studio_throttles_its_login_page(tmp_path, tiny_model_dir):
+    """Against a real studio with --auth: wrong passwords get slower, then 429; the right one is refused while
+    locked out. (The 30 wrong passwords of the issue each got an immediate 400 before.)"""
+    import time
+
+    from test_studio_api import start_app
+
+    throttle = LoginThrottle(free=2, base=0.3, lock_after=4, lock_s=60.0)
+    ctx, demo, url = start_app(tmp_path / "data", tiny_model_dir, auth=("ada", "s3cret-pass"), throttle=throttle)
+    try:
+        codes, times = [], []
+        for _ in range(5):
+            t = time.perf_counter()
+            codes.append(httpx.post(url + "login", data={"username": "ada", "password": "nope"}, timeout=30).status_code)
+            times.append(time.perf_counter() - t)
+        assert codes == [400, 400, 400, 400, 429]
+        assert times[2] >= 0.3 and times[3] >= 0.6  # the delays grow
+        right = httpx.post(url + "login", data={"username": "ada", "password": "s3cret-pass"}, timeout=30)
+        assert right.status_code == 429 and "try again in" in right.json()["detail"]
+    finally:
+        demo.close()
+        ctx.close()

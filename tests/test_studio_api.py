@@ -36,11 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(data_dir, model, auth=None):
+def start_app(data_dir, model, auth=None, throttle=None):
     ctx = StudioContext.create(data_dir, default_model=model, max_upload_bytes=UPLOAD_LIMIT)
     demo = build_app(ctx)
     port = free_port()
-    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(ctx, auth))
+    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(ctx, auth, throttle))
     return ctx, demo, f"http://127.0.0.1:{port}/"
 
 
