@@ -120,7 +120,8 @@ class SplitLinear(nn.Module):
         if self.side == "out":
             return torch.cat([self._lin(x, self.learn_weight, self.learn_bias),
                               self._lin(x, self.frozen_weight, self.frozen_bias)], dim=-1)
-        return self._lin(x[..., : self.k], self.learn_weight, self.bias) + self._lin(x[..., self.k :], self.frozen_weight, None)
+        learn = self._lin(x[..., : self.k], self.learn_weight, self.bias)
+        return learn + self._lin(x[..., self.k :], self.frozen_weight, None)
 
     def extra_repr(self) -> str:
         return f"side={self.side}, conv1d={self.conv1d}, learners={self.k}"
@@ -134,7 +135,8 @@ class _Ffn:
     mlp: nn.Module
     hidden: int
     linears: list[tuple[str, str, nn.Module]]
-    learners: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64, device="cpu"))  # (k,) ascending, CPU
+    #: (k,) int64 on the CPU, ascending original hidden indices
+    learners: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64, device="cpu"))
     splits: dict[str, SplitLinear] = field(default_factory=dict)
     theta0: dict[str, Tensor] = field(default_factory=dict)  # "<attr>.weight"/"<attr>.bias" -> θ₀ learner slice
 
@@ -169,7 +171,7 @@ def find_ffns(model: nn.Module) -> list[_Ffn]:
                 f"gate_proj/up_proj/down_proj or GPT-2's c_fc/c_proj)"
             )
         _, linears, mods = layout
-        first_attr, first_side = linears[0]
+        first_side = linears[0][1]
         hidden = mods[0].weight.shape[_hidden_axis(mods[0], first_side)]
         for (attr, side), m in zip(linears, mods):
             if m.weight.shape[_hidden_axis(m, side)] != hidden:
@@ -352,7 +354,8 @@ class FarMethod(Method):
                 self._select(f, tensors[f"{f.path}.{LEARNERS}"])
                 for key, m, pname, axis in f.unit_tensors():
                     p = getattr(m, pname)
-                    p.index_copy_(axis, f.learners.to(p.device), tensors[f"{f.path}.{key}.{UNITS}"].to(p.device, p.dtype))
+                    value = tensors[f"{f.path}.{key}.{UNITS}"].to(p.device, p.dtype)
+                    p.index_copy_(axis, f.learners.to(p.device), value)
         self.selected_by = "loaded"
         self._set_layout(True)
 
@@ -424,7 +427,8 @@ class FarMethod(Method):
                 others = _complement(learners, f.hidden)
                 for g, key, p, axis in tensors:  # non-learners back to θ₀, exactly
                     if g is f:
-                        p.index_copy_(axis, others.to(p.device), theta0[(id(f), key)].index_select(axis, others.to(p.device)))
+                        idx = others.to(p.device)
+                        p.index_copy_(axis, idx, theta0[(id(f), key)].index_select(axis, idx))
                 f.learners = learners
                 f.theta0 = {key: snapshot(theta0[(id(f), key)].index_select(axis, learners.to(p.device)))
                             for g, key, p, axis in tensors if g is f}
