@@ -196,6 +196,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [d for _, d in sorted(found) if (d / TRAINER_STATE).is_file()]
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The optimiser step a checkpoint folder (``step-N``) was written after."""
+    m = _STEP_DIR.match(folder.name)
+    if m is None:
+        raise ValueError(f"{folder} is not a checkpoint folder (step-N)")
+    return int(m.group(1))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from . import dist
 from .blocks import depth_label, depth_map, find_blocks
 from .checkpoint import (
+    checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
     remove_stale_temp,
@@ -285,11 +286,13 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     micro_per_step = tc.grad_accum * session.world.world_size
     p.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * len(batches) / micro_per_step))
     model.eval()  # no dropout (and no RNG draws) in a method's preparation pass (FishMask's Fisher, FAR's priming)
-    plan = RunPlan(total_steps=p.total_steps, lr=tc.lr, weight_decay=tc.weight_decay)
+    ckpt = latest_checkpoint(files.run_dir) if resume else None
+    plan = RunPlan(total_steps=p.total_steps, lr=tc.lr, weight_decay=tc.weight_decay,
+                   start_step=checkpoint_step(ckpt) if ckpt is not None else 0)
     method.prepare(model, _training_batches(batches, device), _mean_loss_fn(model, method), plan)
     amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
     optimizer, num_layers = _optimizer(model, method, tc, fp32_master=amp)
-    rng = _restore(session, resume, model, optimizer)
+    rng = _restore(session, resume, ckpt, model, optimizer)
     if tc.grad_checkpointing:
         _checkpointing(model, True)
         session.cleanup.callback(_checkpointing, model, False)
@@ -338,11 +341,10 @@ def _optimizer(model: nn.Module, method: Method, tc, fp32_master: bool) -> tuple
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8), num_layers
 
 
-def _restore(session: Session, resume: bool, model: nn.Module, optimizer) -> dict[str, Any] | None:
-    """Load the newest checkpoint when resuming (parameters, AdamW state, the data position); set the progress
-    counters and trim metrics.jsonl to the checkpoint. Returns the checkpoint's RNG state, or None."""
+def _restore(session: Session, resume: bool, ckpt: Path | None, model: nn.Module, optimizer) -> dict[str, Any] | None:
+    """Load checkpoint ``ckpt`` (the newest one, when resuming): parameters, AdamW state, the data position; set the
+    progress counters and trim metrics.jsonl to the checkpoint. Returns the checkpoint's RNG state, or None."""
     files, p = session.files, session.progress
-    ckpt = latest_checkpoint(files.run_dir) if resume else None
     if resume and ckpt is None:
         files.log("resume: no checkpoint found, starting from step 0")
     state = None

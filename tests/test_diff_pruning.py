@@ -334,3 +334,27 @@ def test_cli_help_lists_the_method_and_its_knobs(capsys):
     out = capsys.readouterr().out
     assert "diff_pruning" in out
     assert all(f"--{k}" in out for k in ("sparsity", "l0-weight", "alpha-lr", "fixed-mask-steps", "structured"))
+
+
+@pytest.mark.parametrize("stop_at", [2, 4], ids=["before-projection", "after-projection"])
+def test_stop_and_resume_equals_one_uninterrupted_run(tmp_path, stop_at):
+    """The projection happens at the planned step (3 of 5) whether the run was resumed before or after it."""
+    from test_train import STOP_FILE, run, run_config, steps, write_qa
+
+    data = write_qa(tmp_path / "qa.json", n=8)
+    cfg = run_config(data, method=DiffPruningConfig(sparsity=0.02, fixed_mask_steps=2, l0_weight=1e-3), max_steps=5,
+                     weight_decay=0.01, save_every=1)
+    whole = run(cfg, tmp_path / "whole")
+
+    def stop(e):
+        if e["type"] == "step" and e["step"] == stop_at:
+            (tmp_path / "split" / STOP_FILE).write_text("")
+
+    first = run(cfg, tmp_path / "split", on_event=stop)
+    assert first[-1]["status"] == "stopped"
+    second = run(cfg, tmp_path / "split", resume=True)
+    assert second[0]["resumed_from"] == stop_at and second[-1]["status"] == "completed"
+    assert [e["loss"] for e in steps(first) + steps(second)] == [e["loss"] for e in steps(whole)]
+    ta = load_file(str(tmp_path / "whole" / "adapter" / ADAPTER_WEIGHTS))
+    tb = load_file(str(tmp_path / "split" / "adapter" / ADAPTER_WEIGHTS))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -34,6 +34,7 @@ class RunPlan:
     total_steps: int  # optimiser steps of the run
     lr: float  # peak learning rate
     weight_decay: float = 0.0
+    start_step: int = 0  # optimiser steps already done (a resumed run continues after its checkpoint's step)
 
 
 class Method:

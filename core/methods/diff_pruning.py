@@ -44,8 +44,8 @@ sampling), so w gets zero gradient off the mask and α none at all (under DDP a 
 re-zeroes w outside the mask and rewrites α after every step, so AdamW's weight decay and momentum move no masked
 entry. The base θ₀ never trains (requires_grad is off), so every entry outside the kept set stays bit-identical:
 θ₀ + 0 = θ₀. Because the projected state lives in α itself, a run resumed from a checkpoint after the projection stays
-projected. (A run resumed *before* it counts steps from the resume point, so it projects later than planned, or
-not at all; its adapter then holds the whole unprojected diff.)
+projected; a run resumed before it starts counting at the checkpoint's step (``RunPlan.start_step``), so it projects
+at the planned step.
 
 Saved as a sparse delta (our own format, as FishMask), two tensors per targeted weight:
 
@@ -319,7 +319,8 @@ class DiffPruningMethod(Method):
 
     def __init__(self, config: DiffPruningConfig):
         super().__init__(config)
-        self.steps = 0  # optimiser steps seen by after_step
+        self.steps = 0  # optimiser steps done: the run's start step (prepare) plus those seen by after_step
+        self._resume_checked = False  # the first after_step recovers a projected mask from α (a resumed run)
         self.project_at: int | None = None  # step after which the diff is projected (from prepare's RunPlan)
 
     @staticmethod
@@ -341,7 +342,7 @@ class DiffPruningMethod(Method):
         model.requires_grad_(False)
         for path, layer in targets.items():
             replace_module(model, path, DiffLinear(layer, cfg.alpha_init, cfg.structured, cfg.l0_weight))
-        self.enabled, self.steps, self.project_at = True, 0, None
+        self.enabled, self.steps, self.project_at, self._resume_checked = True, 0, None, False
 
     def remove(self, model: nn.Module) -> None:
         for path, layer in self.layers(model).items():
@@ -363,6 +364,7 @@ class DiffPruningMethod(Method):
                 f"{plan.total_steps} optimiser steps (the diff is projected before the fixed-mask steps)"
             )
         self.project_at = plan.total_steps - cfg.fixed_mask_steps
+        self.steps = plan.start_step  # a resumed run projects at the planned step, not later
         for layer in self.layers(model).values():
             layer.rescale_alpha(cfg.alpha_lr / plan.lr)
 
@@ -375,9 +377,10 @@ class DiffPruningMethod(Method):
     def after_step(self, model: nn.Module) -> None:
         """Count the step; project at ``project_at``; afterwards hold the mask; re-arm the L0 penalty."""
         layers = self.layers(model)
-        if self.steps == 0 and not self.projected(model) and all(l.looks_projected() for l in layers.values()):
+        if not self._resume_checked and not self.projected(model) and all(l.looks_projected() for l in layers.values()):
             for layer in layers.values():  # resumed after the projection: recover the mask from α
                 layer.set_mask(layer.alpha() > 0, layer.diff.detach())
+        self._resume_checked = True
         self.steps += 1
         if self.projected(model):
             for layer in layers.values():
