@@ -60,7 +60,7 @@ def knobs_text(run: Run) -> str:
             v = ",".join(map(str, v))
         parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
     decay = (run.config.get("train") or {}).get("llrd_decay", 1.0)
-    if run.method == "full" and decay and decay < 1:
+    if decay and decay < 1:  # LLRD applies to any method whose parameters sit in blocks
         parts.append(f"llrd_decay={decay:g}")
     return f"{run.method} " + " ".join(parts[:5])
 
