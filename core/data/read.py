@@ -96,38 +96,37 @@ def iter_values(path: str | os.PathLike, max_bytes: int) -> Iterator[tuple[int, 
             yield i + 1, value, None
         return
     if suffix == ".json":  # starts with "{": one object, or JSON Lines saved as .json
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            value = json.loads(data.decode("utf-8-sig"))
-        except UnicodeDecodeError as e:
-            raise _utf8_error(name, e, data) from None
-        except RecursionError:
-            raise _fail_file(name, "is nested too deeply to be a list of rows.") from None
-        except json.JSONDecodeError as e:
-            if not e.msg.startswith("Extra data"):
-                raise _fail_file(name, f"is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
-        else:
+        value = _parse_whole(path, name, several_ok=True)
+        if value is not _SEVERAL:
             raise _fail_file(
                 name, f"holds {kind(value)}, not a list of objects: expected [{{...}}, {{...}}] or one object per line."
             )
-        del data
     yield from _iter_lines(path, name)
+
+
+_SEVERAL = object()  # _parse_whole's answer for a file of several JSON values (JSON Lines saved as .json)
+
+
+def _parse_whole(path: str | os.PathLike, name: str, several_ok: bool = False) -> Any:
+    """The whole file through json.loads, with the file-level errors (not UTF-8, not JSON, nested too deeply).
+    With ``several_ok``, text that holds more than one value gives _SEVERAL instead of an error."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise _utf8_error(name, e, data) from None
+    except RecursionError:
+        raise _fail_file(name, "is nested too deeply to be a list of rows.") from None
+    except json.JSONDecodeError as e:
+        if several_ok and e.msg.startswith("Extra data"):
+            return _SEVERAL
+        raise _fail_file(name, f"is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
 
 
 def _load_array(path: str | os.PathLike, name: str) -> list:
     """The whole file through json.loads: the reference for what a .json array file may hold, and its errors."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        value = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise _utf8_error(name, e, data) from None
-    except json.JSONDecodeError as e:
-        raise _fail_file(name, f"is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
-    except RecursionError:
-        raise _fail_file(name, "is nested too deeply to be a list of rows.") from None
-    del data
+    value = _parse_whole(path, name)
     if not isinstance(value, list):
         raise _fail_file(name, f"holds {kind(value)}, not a list of objects.")
     if not value:
