@@ -145,6 +145,12 @@ class TrainConfig(Validated):
     log_every: int = knob(1, "Write a metrics event every N steps.", min=1)
     grad_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
     device: Literal["auto", "cpu", "cuda", "mps"] = knob("auto", "Where to train.")
+    precision: Literal["auto", "fp32", "bf16-mixed"] = knob(
+        "auto",
+        "bf16-mixed: base weights in bf16, trainable weights and optimiser state in fp32, forward under bf16 "
+        "autocast. auto: bf16-mixed on GPUs with bf16 and on CPUs with bf16 matrix units (AMX, AVX512-BF16), "
+        "fp32 otherwise.",
+    )
     compile: bool = knob(False, "torch.compile the model (GPU only).")
 
 

@@ -7,6 +7,7 @@ once (about 20 s), and cache the result as safetensors (later loads take well un
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -63,8 +64,58 @@ def resolve_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # matrix units that run bf16 natively, not by conversion
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """TrainConfig.precision made concrete: "fp32" or "bf16-mixed" ("auto" picks bf16-mixed where it is native)."""
+    if precision == "auto":
+        return "bf16-mixed" if native_bf16(device) else "fp32"
+    return precision
+
+
+def base_dtype(precision: str) -> torch.dtype:
+    """The dtype the frozen base weights are held in under a resolved precision."""
+    return torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+
+
+def autocast(precision: str, device: torch.device):
+    """A context-manager factory for the forward pass: bf16 autocast under bf16-mixed, nothing under fp32."""
+    if precision == "bf16-mixed":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating-point parameters to ``dtype`` in place. Buffers keep theirs: rotary frequencies stay fp32,
+    as ``from_pretrained(dtype=...)`` leaves them."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it, fp32 everywhere else."""
+    """The dtype for inference (chat, generation): bf16 where it is native on a GPU, fp32 everywhere else."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

@@ -38,9 +38,10 @@ What the loop guarantees
 * Stop requests: SIGTERM, SIGINT, or a file ``<run>/STOP``. The run finishes the current step, saves a
   checkpoint and a usable adapter to ``<run>/adapter/``, and ends with status stopped.
 * No host syncs in the hot loop except at log steps (every ``log_every`` steps) and checkpoints.
-* Device: core.models.resolve_device; on CUDA the base model stays in bf16, trainable parameters are kept in
-  fp32 and the forward runs under bf16 autocast. ``compile`` wraps the loss computation in torch.compile
-  (GPU only). Distributed data parallel under torchrun: see core.dist.
+* Device: core.models.resolve_device. Precision (TrainConfig.precision, resolved by core.models): under
+  bf16-mixed the frozen base is held in bf16, trainable parameters (and so AdamW's state) in fp32, and the
+  forward runs under bf16 autocast; under fp32 everything is fp32. ``compile`` wraps the loss computation in
+  torch.compile (GPU only). Distributed data parallel under torchrun: see core.dist.
 * A worker killed outright cannot record its end: core.events.recover_status settles it as interrupted.
 """
 
@@ -93,7 +94,7 @@ from .events import (
 from .forward import piece_budget, pieces, supervised_loss
 from .methods import Method, build_method, spec
 from .methods.base import RunPlan
-from .models import load_model, load_tokenizer, resolve_device
+from .models import autocast, base_dtype, hold_weights_in, load_model, load_tokenizer, resolve_device, resolve_precision
 from .preflight import preflight
 from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_groups
 
@@ -278,7 +279,11 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     seed_everything(tc.seed)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     batches, val_batches, n_train, n_val = _data(session, tokenizer)  # a bad dataset fails before the model loads
-    model = (model if model is not None else load_model(cfg.model, device=device, tokenizer=tokenizer)[0]).to(device)
+    precision = resolve_precision(tc.precision, device)
+    dtype = base_dtype(precision)
+    if model is None:
+        model = load_model(cfg.model, device=device, dtype=dtype, tokenizer=tokenizer)[0]
+    hold_weights_in(model.to(device), dtype)
     model.requires_grad_(False)
     torch.manual_seed(tc.seed)  # the method's init does not depend on what loading drew from the RNG
     method = build_method(cfg.method, tokenizer=tokenizer)
@@ -290,8 +295,7 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     plan = RunPlan(total_steps=p.total_steps, lr=tc.lr, weight_decay=tc.weight_decay,
                    start_step=checkpoint_step(ckpt) if ckpt is not None else 0)
     method.prepare(model, _training_batches(batches, device), _mean_loss_fn(model, method), plan)
-    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    optimizer, num_layers = _optimizer(model, method, tc, fp32_master=amp)
+    optimizer, num_layers = _optimizer(model, method, tc, fp32_master=precision == "bf16-mixed")
     rng = _restore(session, resume, ckpt, model, optimizer)
     if tc.grad_checkpointing:
         _checkpointing(model, True)
@@ -299,7 +303,7 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     loss_module = LossModule(model, method)
     ddp, forward = _wrap_forward(session, loss_module, method.frozen_below(0, 0, num_layers) is not None)
     trainable, total = method.parameter_counts(model)
-    files.log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters")
+    files.log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters; precision {precision}")
     files.log(describe_groups(optimizer.param_groups))
     start: StartEvent = {
         "type": "start", "step": p.start_step, "total_steps": p.total_steps, "trainable": trainable,
@@ -308,8 +312,8 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
         "train_examples": n_train, "val_examples": n_val,
         "resumed_from": p.start_step if rng is not None else None,
     }
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
-    return RunState(session, model, method, optimizer, batches, val_batches, loss_module, forward, ddp, autocast,
+    return RunState(session, model, method, optimizer, batches, val_batches, loss_module, forward, ddp,
+                    autocast(precision, device),
                     _grad_norm_labels(model, optimizer, num_layers), num_layers, micro_per_step, start, rng)
 
 

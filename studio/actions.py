@@ -74,7 +74,7 @@ ENTRIES: list[Entry] = _entries()
 BY_KEY = {e.key: e for e in ENTRIES}
 DEFAULT_ENTRY = "lora"
 TRAIN_MAIN = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "scheduler", "warmup_steps", "eval_every")
-TRAIN_ADVANCED = ("weight_decay", "max_grad_norm", "save_every", "log_every", "seed", "device", "grad_checkpointing")
+TRAIN_ADVANCED = ("weight_decay", "max_grad_norm", "save_every", "log_every", "seed", "device", "precision", "grad_checkpointing")
 TRAIN_FORM = (*TRAIN_MAIN, *TRAIN_ADVANCED, "max_len")  # the Data tab shows max_len
 DATA_FORM = ("path", "val_fraction", "val_count")
 

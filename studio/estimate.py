@@ -5,7 +5,7 @@ no weights, ~0.1 s), so the count is exact and config errors (a target module th
 above the hidden size) show up before any work starts.
 
 Peak memory (an estimate, shown as such):
-    weights      total · bytes/param                (fp32 on CPU, bf16 on a GPU that supports it)
+    weights      total · bytes/param                (2 bytes under bf16-mixed, 4 under fp32: core.models.resolve_precision)
     gradients    trainable · 4                      (trainable parameters are kept in fp32)
     optimiser    trainable · 8                      (AdamW: two fp32 moments)
     activations  B · T · L · (34·d + 6·d_ff) · bytes/2, or B · T · L · d · bytes + one layer's worth with
@@ -24,7 +24,7 @@ from torch import nn
 
 from core.config import MethodConfig, TrainConfig
 from core.methods import spec_of
-from core.models import ModelNotFoundError, load_model_config
+from core.models import ModelNotFoundError, load_model_config, resolve_precision
 from core.preflight import dry_run
 
 GB = 1024**3
@@ -81,7 +81,7 @@ class Estimator:
         trainable, total, shape, m = run.trainable, run.total, run.shape, run.model
         virtual = int(getattr(method_cfg, "num_virtual_tokens", 0) or 0) if spec_of(method_cfg).virtual_tokens else 0
         ff = int(getattr(m.config, "intermediate_size", None) or 4 * shape.hidden_size)
-        bytes_per = 2 if device == "cuda" else 4
+        bytes_per = 2 if resolve_precision(train.precision, torch.device(device)) == "bf16-mixed" else 4
         t = seq + virtual
         b, d, layers = train.batch_size, shape.hidden_size, shape.num_layers
         if train.grad_checkpointing:
