@@ -28,7 +28,7 @@ from .formats import (
     detect_format,
     to_messages,
 )
-from .cache import CachedExamples
+from .cache import TOKENISED, CachedExamples
 from .load import length_stats, load_examples, preview, tokenise
 from .read import DataError, iter_values, read_rows
 from .sources import display_name, is_hub_id, iter_source
@@ -37,7 +37,7 @@ from .validate import MAX_ISSUES, DataReport, Rows, RowIssue, validate_file
 
 __all__ = [
     "Batch", "CachedExamples", "DETECT_ROWS", "DataError", "DataReport", "EXPECTED", "Example", "FIELD_NAMES", "FORMATS",
-    "FORMAT_FIELDS", "IGNORE", "LengthGroupedBatches", "MAX_ISSUES", "ROLES", "RowIssue", "Rows", "chat_prompt",
+    "FORMAT_FIELDS", "IGNORE", "LengthGroupedBatches", "MAX_ISSUES", "ROLES", "TOKENISED", "RowIssue", "Rows", "chat_prompt",
     "check_fields", "collate", "detect_format", "display_name", "encode", "encode_many", "is_hub_id", "iter_source",
     "iter_values", "length_stats", "load_examples", "n_trained", "preview", "read_rows", "split", "to_messages",
     "tokenise", "validate_file",

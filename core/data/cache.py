@@ -34,6 +34,7 @@ from .sources import fingerprint
 from .validate import DataReport, RowIssue
 
 VERSION = 1
+TOKENISED = "tokenised"  # the cache folder inside a run folder
 ARROW = "examples.arrow"
 REPORT = "report.json"
 READ_BATCH = 1024
