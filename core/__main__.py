@@ -32,7 +32,7 @@ from .methods import spec, specs
 
 RUN_CONFIG = "config.yaml"
 DATA_FLAG_NAMES = {"path": "data"}  # DataConfig.path is --data
-SKIPPED_FIELDS = {"fields"}  # dict-valued: config file only
+SKIPPED_FIELDS: set[str] = set()  # fields with no flag (none today: dicts take name=value,name=value)
 
 
 class CliError(Exception):
@@ -53,10 +53,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_fields(group, cls, rename: dict[str, str] | None = None, extra_help: dict[str, str] | None = None) -> None:
+def _add_fields(group, cls, rename: dict[str, str] | None = None, extra_help: dict[str, str] | None = None,
+                skip: tuple[str, ...] = ()) -> None:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in SKIPPED_FIELDS:
+        if f.name in SKIPPED_FIELDS or f.name in skip:
             continue
         name = (rename or {}).get(f.name, f.name)
         help_text = f.metadata.get("help", "") + (extra_help or {}).get(f.name, "")
@@ -71,6 +72,13 @@ def _add_fields(group, cls, rename: dict[str, str] | None = None, extra_help: di
         else:
             kw.update(metavar=f.name.upper())
         group.add_argument(_flag(name), **kw)
+
+
+def _data_path(value: str) -> str:
+    """A local path made absolute (the worker runs elsewhere); a Hub dataset id kept as it is."""
+    from .data.sources import is_hub_id
+
+    return value if not value or is_hub_id(value) else str(Path(value).resolve())
 
 
 def method_knobs() -> dict[str, list[str]]:
@@ -132,10 +140,11 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         elif section == TrainConfig.__name__:
             d["train"][name] = value
         elif section == DataConfig.__name__:
-            d["data"][name] = str(Path(value).resolve()) if name == "path" and value else value
+            d["data"][name] = _data_path(value) if name == "path" else value
     cfg = RunConfig.from_dict(d)
     if not cfg.data.path:
-        raise CliError("no dataset: pass --data FILE (.json or .jsonl) or set data.path in the config file")
+        raise CliError("no dataset: pass --data FILE (.json, .jsonl, .csv, .parquet), a datasets folder or a Hub id, "
+                       "or set data.path in the config file")
     if getattr(args, "out", None):
         run_dir = Path(args.out)
     elif config_path:
@@ -285,20 +294,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    if not Path(args.data).exists():
+    from .data.sources import is_hub_id
+
+    if not Path(args.data).exists() and not is_hub_id(args.data):
         raise CliError(f"--data {args.data}: no such file")
     _quiet_transformers()
     from .data import length_stats, load_examples
     from .models import load_tokenizer
 
-    values = {"path": args.data, "format": args.format, "system_prompt": args.system_prompt or ""}
-    if args.max_bytes is not None:
-        values["max_bytes"] = args.max_bytes
-    cfg = DataConfig.from_dict(values)
+    values = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(f"{DataConfig.__name__}.")}
+    cfg = DataConfig.from_dict({**values, "path": args.data})
     if args.quick:  # every row checked, nothing tokenised: seconds and little memory even for millions of rows
         from .data import validate_file
 
-        report = validate_file(cfg.path, cfg.format, cfg.fields, cfg.max_bytes)
+        report = validate_file(cfg.path, cfg.format, cfg.fields, cfg.max_bytes, cfg.split, cfg.subset)
         if args.json:
             print(json.dumps({"format": report.format, "total_rows": report.total_rows,
                               "valid_rows": report.valid_rows,
@@ -376,12 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="detect a dataset's format, validate it, show token lengths")
-    i.add_argument("--data", required=True, help="a .json or .jsonl file")
-    i.add_argument("--format", default="auto", help="force a format (default: auto-detect)")
+    i.add_argument("--data", required=True, help=DataConfig.help()["path"])
     i.add_argument("--model", default="default", help="whose tokenizer counts the tokens")
     i.add_argument("--max-len", dest="max_len", type=int, default=512, help="truncation length (default 512)")
-    i.add_argument("--system-prompt", dest="system_prompt", help="system prompt rendered before every example")
-    i.add_argument("--max-bytes", dest="max_bytes", help="refuse files larger than this (default 200 MB)")
+    _add_fields(i.add_argument_group("data"), DataConfig, skip=("path", "val_fraction", "val_count"))
     i.add_argument("--quick", action="store_true", help="validate every row without tokenizing (no token lengths)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_inspect)

@@ -103,7 +103,22 @@ def _coerce(cls_name: str, name: str, hint: Any, value: Any) -> Any:
         _fail(cls_name, name, value, f"expected {base.__name__}")
     if getattr(hint, "__origin__", None) is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
+    if getattr(hint, "__origin__", None) is dict and isinstance(value, str):
+        return _mapping(cls_name, name, value)
     return value
+
+
+def _mapping(cls_name: str, name: str, text: str) -> dict[str, str]:
+    """"a=b,c=d" (a CLI flag or a text box) -> {"a": "b", "c": "d"}; blank -> {}."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, eq, value = (s.strip() for s in part.partition("="))
+        if not eq or not key or not value:
+            _fail(cls_name, name, text, "expected name=column pairs separated by commas, e.g. instruction=prompt")
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,15 +171,32 @@ class TrainConfig(Validated):
 
 @dataclass
 class DataConfig(Validated):
-    path: str = knob("", "A .json (array) or .jsonl file.")
+    path: str = knob(
+        "", "A .json (array), .jsonl, .csv or .parquet file, a folder written by Dataset.save_to_disk, or a "
+        "Hugging Face Hub dataset id (owner/name)."
+    )
     format: Literal["auto", "instruction", "conversation", "qa", "classification", "text"] = knob(
         "auto", "Dataset format; auto-detected from the fields."
     )
-    fields: dict[str, str] = knob({}, "Rename fields, e.g. {'instruction': 'prompt', 'output': 'completion'}.")
+    fields: dict[str, str] = knob(
+        {}, "Column mapping: which column holds each field, e.g. instruction=prompt,output=completion."
+    )
+    split: str = knob("train", "Split of a Hub dataset or of a saved DatasetDict, e.g. train or train[:90%].")
+    subset: str = knob("", "Configuration (subset) name of a Hub dataset; empty = its default.")
     val_fraction: float = knob(0.1, "Fraction of examples held out for evaluation.", min=0.0, max=0.5)
     val_count: int = knob(0, "Hold out exactly this many examples instead (0 = use val_fraction).", min=0)
     system_prompt: str = knob("", "System prompt rendered before every example (empty = template default).")
     max_bytes: int = knob(200 * 1024 * 1024, "Refuse files larger than this.", min=1)
+
+    def validate(self) -> None:
+        from .data.formats import check_fields  # core.data imports this module
+        from .data.sources import SPLIT
+
+        check_fields(self.fields)
+        if not SPLIT.fullmatch(self.split):
+            _fail("DataConfig", "split", self.split, "a split name such as train, test or train[:90%]")
+        if self.subset and not SPLIT.fullmatch(self.subset):
+            _fail("DataConfig", "subset", self.subset, "a configuration name (letters, digits, - _ .)")
 
 
 @dataclass

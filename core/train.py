@@ -76,7 +76,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import RunConfig
-from .data import LengthGroupedBatches, load_examples, split
+from .data import TOKENISED, LengthGroupedBatches, load_examples, split
 from .events import (
     METRICS_FILE,
     EndEvent,
@@ -320,7 +320,8 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
 def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGroupedBatches | None, int, int]:
     """(train batches, validation batches or None, train examples, validation examples)."""
     cfg, tc = session.cfg, session.cfg.train
-    examples, report = load_examples(cfg.data, tokenizer, tc.max_len)
+    # tokenised once per run: resume and evaluation read <run>/tokenised/ back (core.data.cache)
+    examples, report = load_examples(cfg.data, tokenizer, tc.max_len, cache_dir=session.files.run_dir / TOKENISED)
     train_set, val_set = split(examples, cfg.data.val_fraction, cfg.data.val_count, tc.seed)
     if not train_set:
         raise ValueError(f"DataConfig.path = {cfg.data.path!r}: no training examples left after the split")

@@ -6,6 +6,7 @@ The Train form is a flat dict of named values, one per widget, with LlamaBoard-s
 
     name, method, model                  run name, menu entry key (core.methods.menu), base model
     data.path                            a dataset under DATA/uploads/ or a bundled sample
+    data.fields                          the column mapping, a dict or "instruction=prompt, output=completion"
     data.val_fraction, data.val_count    DataConfig fields
     train.<field>                        TrainConfig fields (train.lr, train.epochs, train.max_len, ...)
     <entry>.<field>                      a knob of one menu entry: lora.r, llrd.freeze_embeddings, ...
@@ -29,7 +30,7 @@ from typing import Any, get_type_hints
 
 from core.advisor import recommend
 from core.config import DataConfig, RunConfig, TrainConfig
-from core.data import DataError
+from core.data import TOKENISED, DataError
 from core.generate import GenerationSettings
 from core.methods import menu, spec
 from core.preflight import preflight
@@ -38,6 +39,7 @@ from .chat import MAX_PROMPT_CHARS, Column
 from .datasets import inspect, store_upload
 from .export import adapter_zip, can_merge, loading_snippet, merged_model
 from .metrics import of_type, summarize
+from .paths import inside
 
 # ---- the method menu ---------------------------------------------------------------------------------------
 
@@ -76,7 +78,7 @@ DEFAULT_ENTRY = "lora"
 TRAIN_MAIN = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "scheduler", "warmup_steps", "eval_every")
 TRAIN_ADVANCED = ("weight_decay", "max_grad_norm", "save_every", "log_every", "seed", "device", "precision", "grad_checkpointing")
 TRAIN_FORM = (*TRAIN_MAIN, *TRAIN_ADVANCED, "max_len")  # the Data tab shows max_len
-DATA_FORM = ("path", "val_fraction", "val_count")
+DATA_FORM = ("path", "fields", "val_fraction", "val_count")
 
 
 def knob_id(entry_key: str, name: str) -> str:
@@ -259,29 +261,41 @@ def apply_advice(advice: dict[str, Any]) -> dict[str, Any]:
 # ---- Data tab ----------------------------------------------------------------------------------------------
 
 
-def _inspect(ctx, path: Path, name: str, model: str | None, max_len: Any) -> dict[str, Any]:
+def column_mapping(value: Any) -> dict[str, str]:
+    """DataConfig.fields from the form: a dict, or the text "instruction=prompt, output=completion" (core parses
+    and checks it); DataError with one sentence when it is not a valid mapping."""
+    try:
+        return DataConfig.from_dict({"fields": value or {}}).fields
+    except ValueError as e:
+        raise DataError(f"Column mapping: {e}") from None
+
+
+def _inspect(ctx, path: Path, name: str, model: str | None, max_len: Any, fields: Any = None) -> dict[str, Any]:
     ml = int(max_len if max_len not in (None, "") else TrainConfig().max_len)
     if ml < 8:
         raise DataError("Max length must be at least 8 tokens.")
+    mapping = column_mapping(fields)
     tok = ctx.tokenizers.get((model or "").strip() or ctx.default_model)
-    return inspect(path, name, tok, ml, ctx.max_upload_bytes)
+    return inspect(path, name, tok, ml, ctx.max_upload_bytes, mapping, inside(ctx.data_dir, TOKENISED))
 
 
 def upload_dataset(ctx, file_path: str, name: str | None = None, model: str | None = None,
-                   max_len: Any = None) -> dict[str, Any]:
-    """Store an uploaded file under DATA/uploads/ (generated name) and inspect it. Raises DataError (a
-    ValueError) with one sentence when the file cannot be used; nothing else changes then."""
+                   max_len: Any = None, fields: Any = None) -> dict[str, Any]:
+    """Store an uploaded file (.json, .jsonl, .csv or .parquet) under DATA/uploads/ (generated name) and inspect
+    it with the column mapping ``fields``. Raises DataError (a ValueError) with one sentence when the file cannot
+    be used; nothing else changes then."""
     name = name or Path(str(file_path)).name
+    column_mapping(fields)  # a bad mapping stores nothing
     stored = store_upload(ctx.uploads_dir, file_path, name, ctx.max_upload_bytes)
-    return _inspect(ctx, stored, name, model, max_len)
+    return _inspect(ctx, stored, name, model, max_len, fields)
 
 
-def use_sample(ctx, name: str, model: str | None = None, max_len: Any = None) -> dict[str, Any]:
+def use_sample(ctx, name: str, model: str | None = None, max_len: Any = None, fields: Any = None) -> dict[str, Any]:
     """Inspect a bundled sample by file name."""
     path = ctx.samples().get(name or "")
     if path is None:
         raise DataError(f"Unknown sample {name!r}; choose one of {', '.join(ctx.samples())}.")
-    return _inspect(ctx, path, name, model, max_len)
+    return _inspect(ctx, path, name, model, max_len, fields)
 
 
 # ---- Monitor and Runs tabs ---------------------------------------------------------------------------------

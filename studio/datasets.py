@@ -1,6 +1,6 @@
 """Uploaded and bundled datasets: store an upload under a generated name, then validate and inspect it.
 
-Uploads are only ever parsed as JSON data (core.data), never executed. They are copied into DATA/uploads/
+Uploads are only ever parsed as data (core.data: JSON, or CSV / Parquet through ``datasets``), never executed. They are copied into DATA/uploads/
 under a random name, so the user's file name never becomes a path.
 """
 
@@ -17,7 +17,7 @@ from core.data import DataError, length_stats, load_examples, preview
 
 from .paths import inside
 
-EXTENSIONS = (".json", ".jsonl")
+EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 PREVIEWS = 12  # examples kept for the preview
 MAX_LENGTHS = 20_000  # token lengths kept for the histogram
 
@@ -27,7 +27,7 @@ def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, 
     name = os.path.basename(str(original_name or src))
     ext = os.path.splitext(name)[1].lower()
     if ext not in EXTENSIONS:
-        raise DataError(f"{name}: only .json and .jsonl files can be uploaded.")
+        raise DataError(f"{name}: only .json, .jsonl, .csv and .parquet files can be uploaded.")
     try:
         size = os.path.getsize(src)
     except OSError:
@@ -41,13 +41,16 @@ def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, 
     return dest
 
 
-def inspect(path: Path, display_name: str, tokenizer: Any, max_len: int, max_bytes: int) -> dict[str, Any]:
-    """Validate and tokenise every row. Returns a plain dict (it lives in the session's gr.State).
+def inspect(path: Path, display_name: str, tokenizer: Any, max_len: int, max_bytes: int,
+            fields: dict[str, str] | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Validate and tokenise every row (or read them from the tokenised cache in ``cache_dir``: inspecting the
+    same file again with the same settings does not tokenise). Returns a plain dict (it lives in the session's
+    gr.State). ``fields`` is the column mapping (DataConfig.fields).
 
     Raises DataError with a sentence for the user when the file cannot be used at all."""
-    cfg = DataConfig(path=str(path), max_bytes=max_bytes)
     try:
-        examples, report = load_examples(cfg, tokenizer, max_len)
+        cfg = DataConfig(path=str(path), max_bytes=max_bytes, fields=dict(fields or {}))
+        examples, report = load_examples(cfg, tokenizer, max_len, cache_dir=cache_dir)
     except DataError as e:
         raise DataError(str(e).replace(path.name, display_name)) from None
     except (ValueError, OSError, RecursionError, MemoryError) as e:  # anything else is still a bad file, not a crash
@@ -57,6 +60,7 @@ def inspect(path: Path, display_name: str, tokenizer: Any, max_len: int, max_byt
         "path": str(path),
         "name": display_name,
         "format": report.format,
+        "fields": dict(fields or {}),
         "total_rows": report.total_rows,
         "valid_rows": report.valid_rows,
         "issues": [[i.row, i.reason] for i in report.issues],

@@ -67,6 +67,9 @@ def widget(cls: type, name: str, value: Any = dataclasses.MISSING, **kw: Any) ->
             return gr.Dropdown(CHOICES[name], value=list(default), multiselect=True, allow_custom_value=True,
                                label=label, info=info, **kw)
         return gr.Textbox(value=", ".join(default), label=label, info=info + " Comma-separated.", **kw)
+    if getattr(hint, "__origin__", None) is dict:  # name=value pairs; core's config parses and checks them
+        text = ", ".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else str(default)
+        return gr.Textbox(value=text, label=label, info=info, **kw)
     return gr.Textbox(value=default, label=label, info=info, **kw)
 
 

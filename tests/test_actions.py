@@ -107,12 +107,44 @@ def test_datasets_sample_upload_and_refusals(ctx, tmp_path):
     bad.write_text('{"instruction": "a"', encoding="utf-8")
     with pytest.raises(DataError, match="bad.json"):
         actions.upload_dataset(ctx, str(bad))
-    with pytest.raises(DataError, match="only .json and .jsonl"):
+    with pytest.raises(DataError, match="only .json, .jsonl, .csv and .parquet"):
         actions.upload_dataset(ctx, str(good), name="data.txt")
     with pytest.raises(DataError, match="Unknown sample 'nope.json'"):
         actions.use_sample(ctx, "nope.json")
     with pytest.raises(DataError, match="at least 8"):
         actions.use_sample(ctx, "identity_sample.json", max_len=4)
+
+
+def test_csv_and_parquet_uploads_with_a_column_mapping_and_the_preview_cache(ctx, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from core.data import load as load_module
+
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in ("yes", "no", "maybe")]
+    pd.DataFrame(rows).to_csv(tmp_path / "pc.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "pc.parquet")
+    (tmp_path / "ref.json").write_text(json.dumps([{"instruction": r["prompt"], "output": r["completion"]}
+                                                   for r in rows]), encoding="utf-8")
+    ref = actions.upload_dataset(ctx, str(tmp_path / "ref.json"), max_len=64)
+    for name in ("pc.csv", "pc.parquet"):
+        up = actions.upload_dataset(ctx, str(tmp_path / name), max_len=64, fields="instruction=prompt, output=completion")
+        assert (up["name"], up["format"], up["valid_rows"]) == (name, "instruction", 3)
+        assert up["previews"] == ref["previews"] and up["fields"] == {"instruction": "prompt", "output": "completion"}
+        assert Path(up["path"]).suffix == Path(name).suffix and Path(up["path"]).parent == ctx.uploads_dir
+    with pytest.raises(DataError, match="Column mapping: DataConfig.fields = 'prompt' is invalid"):
+        actions.upload_dataset(ctx, str(tmp_path / "pc.csv"), fields="prompt")
+    with pytest.raises(DataError, match="Could not detect the dataset format"):
+        actions.upload_dataset(ctx, str(tmp_path / "pc.csv"))
+    # inspecting the same data again reads the tokenised cache (DATA/tokenised/): nothing is tokenised
+    calls = []
+    real = load_module.encode_many
+    monkeypatch.setattr(load_module, "encode_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = actions.use_sample(ctx, "identity_sample.json", max_len=96)
+    assert calls
+    calls.clear()
+    assert actions.use_sample(ctx, "identity_sample.json", max_len=96) == again and calls == []
+    cfg = actions.build_config({"method": "lora", "data.path": SAMPLE, "data.fields": "instruction=prompt"})
+    assert cfg.data.fields == {"instruction": "prompt"}
 
 
 def test_check_start_stop_rename_resume_delete(ctx, tmp_path):

@@ -148,7 +148,7 @@ def test_uploads_are_stored_under_generated_names(tmp_path):
         dest = store_upload(uploads, src, name, max_bytes=1024)
         assert dest.parent == uploads.resolve() and dest.stem not in name and len(dest.stem) == 16
     assert sorted(p.suffix for p in uploads.iterdir()) == [".json", ".json", ".jsonl"]
-    with pytest.raises(DataError, match="only .json and .jsonl"):
+    with pytest.raises(DataError, match="only .json, .jsonl, .csv and .parquet"):
         store_upload(uploads, src, "run.py", max_bytes=1024)
     with pytest.raises(DataError, match="limit"):
         store_upload(uploads, src, "big.json", max_bytes=4)

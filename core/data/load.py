@@ -4,31 +4,59 @@
 the usable ones in chunks through ``render.encode_many`` (one tokenizer call per chunk). A row is skipped
 for the reason ``Rows`` gives, or, after rendering, because the chat template rejects it or nothing is left to
 train once it is cut to ``max_len``; a truncated row that still trains something is kept and listed in
-``DataReport.truncated_rows``. ``length_stats`` and ``preview`` summarise the examples for ``inspect`` and
-the studio's Data tab.
+``DataReport.truncated_rows``. ``tokenise`` is that walk, one chunk at a time; with a ``cache_dir`` the chunks
+are written to the tokenised cache (``cache``) as they come, and later loads read them back instead.
+``length_stats`` and ``preview`` summarise the examples for ``inspect`` and the studio's Data tab.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from ..config import DataConfig
+from . import cache
 from .render import IGNORE, Example, encode_many, n_trained
 from .validate import DataReport, Rows
 
 
-def load_examples(cfg: DataConfig, tokenizer: Any, max_len: int, chunk: int = 1024) -> tuple[list[Example], DataReport]:
+def load_examples(
+    cfg: DataConfig, tokenizer: Any, max_len: int, chunk: int = 1024, cache_dir: str | Path | None = None
+) -> tuple[Sequence[Example], DataReport]:
     """Tokenised examples of every valid row, and the report. Bad rows are reported, not fatal.
 
-    DataError when the file cannot be read, its format cannot be detected, or no row is valid.
+    With ``cache_dir`` the examples go through the tokenised cache (``core.data.cache``): a hit reads them back
+    without tokenising; a miss writes them there chunk by chunk (bounded memory), then reads them back. Either
+    way they are a memory-mapped sequence. Without ``cache_dir`` they are a list.
+    DataError when the source cannot be read, its format cannot be detected, or no row is valid.
     """
-    rows = Rows(cfg.path, cfg.format, cfg.fields, cfg.max_bytes)
+    if cache_dir is not None:
+        entry = Path(cache_dir) / cache.cache_key(cfg, tokenizer, max_len)
+        hit = cache.read(entry, cfg.path)
+        if hit is None:
+            rows = Rows(cfg.path, cfg.format, cfg.fields, cfg.max_bytes, cfg.split, cfg.subset)
+            report = rows.report()
+            cache.write(entry, tokenise(rows, report, cfg, tokenizer, max_len, chunk), report)
+            hit = cache.read(entry, cfg.path)
+            if hit is None:
+                raise OSError(f"the tokenised cache {entry} could not be read back")
+        return hit
+    rows = Rows(cfg.path, cfg.format, cfg.fields, cfg.max_bytes, cfg.split, cfg.subset)
     report = rows.report()
-    examples: list[Example] = []
+    examples = [e for part in tokenise(rows, report, cfg, tokenizer, max_len, chunk) for _, e in part]
+    return examples, report
+
+
+def tokenise(
+    rows: Rows, report: DataReport, cfg: DataConfig, tokenizer: Any, max_len: int, chunk: int = 1024
+) -> Iterator[list[tuple[int, Example]]]:
+    """The (row, example) pairs of every usable row, ``chunk`` rows per tokenizer call and per yield, filling
+    ``report`` on the way. At the end, DataError if no row was valid."""
     pending: list[tuple[int, list[dict] | str]] = []
 
-    def flush() -> None:
+    def flush() -> list[tuple[int, Example]]:
+        done: list[tuple[int, Example]] = []
         results = encode_many(tokenizer, [item for _, item in pending], max_len, cfg.system_prompt)
         for (row, _), result in zip(pending, results):
             if isinstance(result, str):
@@ -41,8 +69,9 @@ def load_examples(cfg: DataConfig, tokenizer: Any, max_len: int, chunk: int = 10
             if truncated:
                 report.truncated_rows.append(row)
             report.valid_rows += 1
-            examples.append(example)
+            done.append((row, example))
         pending.clear()
+        return done
 
     for row, item, problem in rows:
         report.total_rows += 1
@@ -51,12 +80,11 @@ def load_examples(cfg: DataConfig, tokenizer: Any, max_len: int, chunk: int = 10
         else:
             pending.append((row, item))
         if len(pending) >= chunk:
-            flush()
+            yield flush()
     if pending:
-        flush()
+        yield flush()
     report.issues.sort(key=lambda i: i.row)
     report.require_valid()
-    return examples, report
 
 
 def preview(tokenizer: Any, example: Example, max_tokens: int = 400) -> list[tuple[str, bool]]:
@@ -75,7 +103,7 @@ def preview(tokenizer: Any, example: Example, max_tokens: int = 400) -> list[tup
     return runs
 
 
-def length_stats(examples: list[Example]) -> dict:
+def length_stats(examples: Sequence[Example]) -> dict:
     """n, min, mean, p50, p90, max of the token lengths; total_tokens and supervised_tokens."""
     lengths = sorted(len(e.input_ids) for e in examples)
     n = len(lengths)

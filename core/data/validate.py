@@ -1,4 +1,4 @@
-"""Stage 3, validate: a file in, every row checked (row number, messages or text, or the problem) out.
+"""Stage 3, validate: a source (``sources``: a file, a datasets folder or a Hub id) in, every row checked (row number, messages or text, or the problem) out.
 
 ``Rows`` is the one row iterator: it reads the file (``read``), detects the format from the first DETECT_ROWS
 rows unless one is given, and turns each row into chat messages or text (``formats.to_messages``), yielding
@@ -21,7 +21,8 @@ from itertools import chain, islice
 from typing import Any, Iterator
 
 from .formats import DETECT_ROWS, check_fields, describe, detect_format, to_messages
-from .read import DataError, iter_values
+from .read import DataError
+from .sources import display_name, iter_source
 
 MAX_ISSUES = 1000  # issues kept in a report; the count of invalid rows is always total_rows - valid_rows
 MAX_BYTES = 200 * 1024 * 1024  # default file size limit (DataConfig.max_bytes has its own default)
@@ -52,7 +53,7 @@ class DataReport:
             self.issues.append(RowIssue(row, reason))
 
     def summary(self, max_issues: int = 5) -> str:
-        name = os.path.basename(self.path) or self.path
+        name = display_name(self.path)
         lines = [
             f"{name}: {self.format} format, {self.total_rows} rows, {self.valid_rows} valid, "
             f"{self.invalid_rows} skipped."
@@ -73,7 +74,7 @@ class DataReport:
         """DataError naming the format and the first problems when no row is valid."""
         if self.valid_rows:
             return
-        name = os.path.basename(self.path)
+        name = display_name(self.path)
         first = "; ".join(f"row {i.row}: {i.reason}" for i in self.issues[:3])
         raise DataError(
             f"{name} has no valid rows for the {self.format} format (expected {describe(self.format)}); "
@@ -91,12 +92,12 @@ class Rows:
 
     def __init__(
         self, path: str | os.PathLike, fmt: str = "auto", fields: dict[str, str] | None = None,
-        max_bytes: int = MAX_BYTES,
+        max_bytes: int = MAX_BYTES, split: str = "train", subset: str = "",
     ):
         check_fields(fields)
         self.path = os.fspath(path)
         self.fields = fields
-        self._rest = iter_values(path, max_bytes)
+        self._rest = iter_source(path, max_bytes, split, subset)
         self._head = list(islice(self._rest, DETECT_ROWS))  # the first rows decide the format
         self.format = fmt if fmt != "auto" else detect_format((v for _, v, p in self._head if p is None), fields)
         self._used = False
@@ -128,12 +129,14 @@ def validate_file(
     fmt: str = "auto",
     fields: dict[str, str] | None = None,
     max_bytes: int = MAX_BYTES,
+    split: str = "train",
+    subset: str = "",
 ) -> DataReport:
     """Read, detect and validate every row without tokenising (fast: the upload check).
 
     Streams the file; keeps only counts and the first MAX_ISSUES issues. DataError if no row is valid.
     """
-    rows = Rows(path, fmt, fields, max_bytes)
+    rows = Rows(path, fmt, fields, max_bytes, split, subset)
     report = rows.report()
     for row, _, problem in rows:
         report.total_rows += 1

@@ -1,4 +1,4 @@
-"""Data tab: upload a .json/.jsonl file or pick a bundled sample; see the detected format, the validation report,
+"""Data tab: upload a .json/.jsonl/.csv/.parquet file or pick a bundled sample; see the detected format, the validation report,
 a chat-template preview with trained and masked tokens in two colours, the token-length histogram, and the split."""
 
 from __future__ import annotations
@@ -8,13 +8,17 @@ from typing import Any
 
 import gradio as gr
 
+from core.config import DataConfig
 from core.data import DataError
 
 from .. import actions, charts
+from ..datasets import EXTENSIONS
 from ..format import esc, log
+from ..knobs import widget
 
 INTRO = (
-    "Upload a dataset (**.json** array or **.jsonl**, one object per line) or start from a bundled sample. "
+    "Upload a dataset (**.json** array, **.jsonl** with one object per line, **.csv** or **.parquet**) or start "
+    "from a bundled sample. "
     "Supported formats are detected from the field names: instruction (`instruction`, `input`, `output`), "
     "conversation (`messages` or ShareGPT `conversations`), QA (`question`, `answer`), classification "
     "(`text`, `label`) and plain text (`text`). The `identity_sample.json` sample teaches the model a new name "
@@ -57,12 +61,14 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         gr.Markdown(INTRO, elem_classes="ps-intro")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
-                upload = gr.File(label="Upload .json / .jsonl", file_types=[".json", ".jsonl"], type="filepath",
+                upload = gr.File(label="Upload .json / .jsonl / .csv / .parquet", file_types=list(EXTENSIONS),
+                                 type="filepath",
                                  height=140, elem_id="ps-upload")
                 with gr.Row():
                     sample = gr.Dropdown(samples, value="identity_sample.json" if "identity_sample.json" in samples
                                          else (samples[0] if samples else None), label="…or a bundled sample", scale=3)
                     use_sample = gr.Button("Use sample", variant="secondary", scale=1, elem_id="ps-use-sample")
+                fields = widget(DataConfig, "fields", elem_id="ps-fields")
                 max_len = gr.Number(defaults["train.max_len"], precision=0, minimum=8, maximum=131072, label="Max length (tokens)",
                                     info="Examples longer than this are truncated (training uses the same value).")
                 with gr.Row():
@@ -104,19 +110,19 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
             log.exception("dataset %s could not be loaded", name)
             return refused(f"{esc(name)} could not be loaded: {esc(str(e)[:200])}", current)
 
-    def on_upload(file_path, model, max_len_v, current):
+    def on_upload(file_path, model, max_len_v, current, mapping):
         """Validate an uploaded file; a bad file leaves the current dataset and every run untouched."""
         if not file_path:
             return {}
         name = Path(str(file_path)).name
-        return load(lambda: actions.upload_dataset(ctx, file_path, name, model, max_len_v), name, current)
+        return load(lambda: actions.upload_dataset(ctx, file_path, name, model, max_len_v, mapping), name, current)
 
-    def on_sample(name, model, max_len_v, current):
-        return load(lambda: actions.use_sample(ctx, name, model, max_len_v), str(name), current)
+    def on_sample(name, model, max_len_v, current, mapping):
+        return load(lambda: actions.use_sample(ctx, name, model, max_len_v, mapping), str(name), current)
 
-    upload.upload(on_upload, [upload, shared["model"], max_len, dataset], outputs, api_name="upload_dataset")
-    use_sample.click(on_sample, [sample, shared["model"], max_len, dataset], outputs, api_name="use_sample")
+    upload.upload(on_upload, [upload, shared["model"], max_len, dataset, fields], outputs, api_name="upload_dataset")
+    use_sample.click(on_sample, [sample, shared["model"], max_len, dataset, fields], outputs, api_name="use_sample")
     index.change(preview_html, [dataset, index], preview, api_visibility="private", show_progress="hidden")
-    return {"upload": upload, "sample": sample, "use_sample": use_sample, "max_len": max_len,
+    return {"upload": upload, "sample": sample, "use_sample": use_sample, "max_len": max_len, "fields": fields,
             "val_fraction": val_fraction, "val_count": val_count, "status": status, "issues": issues,
             "preview": preview, "hist": hist, "index": index}

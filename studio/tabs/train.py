@@ -72,6 +72,7 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     form: dict[str, gr.Component] = {
         "name": name, "method": method, "model": model, "train.max_len": data_w["max_len"],
         "data.val_fraction": data_w["val_fraction"], "data.val_count": data_w["val_count"],
+        "data.fields": data_w["fields"],
         **train_widgets, **knobs,
     }
     form_inputs = {*form.values(), dataset}
