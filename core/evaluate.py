@@ -29,6 +29,7 @@ cannot score better on these metrics, and a rambling untrained model would other
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -294,6 +295,69 @@ def read_examples(run_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+# ---- a finished run, on demand (python -m core eval, the studio's Evaluate button) ---------------------------
+
+
+def evaluate_run(
+    run_dir: str | Path, data: str | Path | None = None, *, device: str = "auto", max_rows: int | None = None,
+    max_new_tokens: int | None = None, all_examples: bool = False, model: nn.Module | None = None, tokenizer=None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate a run's adapter on its own validation split (the same split, seed and max_len as training), or
+    on every valid row of ``data``. Appends the eval event to ``<run>/metrics.jsonl`` (``data`` recorded in it),
+    rewrites ``<run>/eval_examples.jsonl`` (the worst rows, every row with ``all_examples``) and returns
+    (event, rows worst first). ``max_rows`` / ``max_new_tokens`` default to the run's TrainConfig values.
+    ``model``/``tokenizer``: a loaded base model (it gets the adapter applied; tests pass a tiny one).
+
+    ValueError, with one sentence, for a folder that is not a finished run, a missing adapter or bad data."""
+    from .checkpoint import load_adapter, read_sidecar  # noqa: PLC0415 - torch-heavy imports only when used
+    from .config import RunConfig
+    from .data import load_examples, split
+    from .events import METRICS_FILE, append_event, pid_alive, read_events, read_status, summarize
+    from .models import load_model, load_tokenizer, resolve_device
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run folder (it has no config.yaml)")
+    status = read_status(run_dir)
+    if status.get("status") == "running" and pid_alive(status.get("pid")):
+        raise ValueError(f"run {run_dir.name} is still training; evaluate it when it has finished")
+    cfg = RunConfig.load(run_dir / "config.yaml")
+    read_sidecar(run_dir / "adapter")  # a clear error before anything loads
+    tc = cfg.train
+    settings = EvalSettings(tc.eval_max_rows if max_rows is None else int(max_rows),
+                            tc.eval_max_new_tokens if max_new_tokens is None else int(max_new_tokens),
+                            max(16, tc.batch_size))
+    if settings.max_rows < 0 or settings.max_new_tokens < 1:
+        raise ValueError("max_rows must be >= 0 and max_new_tokens >= 1")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    own, report = load_examples(cfg.data, tokenizer, tc.max_len)
+    train, held_out = split(own, cfg.data.val_fraction, cfg.data.val_count, tc.seed)
+    fmt = report.format
+    if data is not None:
+        if not Path(data).is_file():
+            raise ValueError(f"--data {data}: no such file")
+        held_out, report = load_examples(dataclasses.replace(cfg.data, path=str(data)), tokenizer, tc.max_len)
+    if not held_out:
+        raise ValueError(f"run {run_dir.name} has no validation rows (val_fraction 0): pass a file to evaluate on")
+    device_ = resolve_device(device)
+    if model is None:
+        model, _ = load_model(cfg.model, device=device_, tokenizer=tokenizer)
+    method = load_adapter(model, run_dir / "adapter")
+    amp = device_.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    labels = []
+    if report.format == "classification":  # the labels seen in training, or the file's own (another task's run)
+        labels = labels_of(train if fmt == "classification" else held_out, tokenizer)
+    result = evaluate(model, tokenizer, method, held_out, report.format, labels, settings, autocast)
+    step = summarize(read_events(run_dir / METRICS_FILE)).get("steps") or 0
+    event = {"type": "eval", "step": step, **result.metrics}
+    if data is not None:
+        event["data"] = str(Path(data).resolve())
+    append_event(run_dir, event)
+    write_examples(run_dir, result.rows, None if all_examples else WORST)
+    return event, result.rows
+
+
 __all__ = ["EVAL_EXAMPLES_FILE", "EvalResult", "EvalSettings", "HIGHER_IS_BETTER", "TASK_METRIC", "evaluate",
            "generate_answers", "greedy_batch", "labels_of", "last_reply", "loss_metrics", "prompt_and_reference",
-           "read_examples", "teacher_forced", "write_examples"]
+           "read_examples", "teacher_forced", "evaluate_run", "write_examples"]

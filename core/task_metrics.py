@@ -10,7 +10,8 @@ its own (Chinese has no spaces), so the metrics work beyond ASCII.
     token_f1(answer, reference)     P = |common| / |answer words|, R = |common| / |reference words|,
                                     F1 = 2PR / (P + R), common counted with multiplicity (SQuAD v1.1)
     rouge_l(answer, reference)      ROUGE-L F-measure from the ``rouge-score`` package (longest common
-                                    subsequence of the words), on the same words (no stemming)
+                                    subsequence of the words); words are lower-cased runs of letters and
+                                    digits with articles kept (as rouge-score's own tokenizer, no stemming)
 
 Classification (``classify``): a prediction is the training label whose normalised form equals the normalised
 answer, else ``OTHER``. accuracy = mean(norm(answer) == norm(reference)); macro-F1 = the mean over the labels
@@ -70,10 +71,10 @@ def token_f1(answer: str, reference: str) -> float:
 
 
 class _Words:
-    """The tokenizer interface rouge-score expects: ``tokenize(text) -> list[str]``."""
+    """The tokenizer interface rouge-score expects: ``tokenize(text) -> list[str]``; CJK-aware, articles kept."""
 
     def tokenize(self, text: str) -> list[str]:
-        return words(text)
+        return _WORD.findall(text.lower())
 
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
