@@ -25,8 +25,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
-
-from rouge_score import rouge_scorer
+from functools import cache
 
 OTHER = "(other)"  # the predicted class of an answer that is none of the training labels
 _PUNCT = set(string.punctuation) | set("，。！？；：、“”‘’（）《》【】…—·")
@@ -77,11 +76,15 @@ class _Words:
         return _WORD.findall(text.lower())
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
+@cache
+def _rouge():
+    from rouge_score import rouge_scorer  # noqa: PLC0415 - it imports nltk (seconds): only when first scored
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
 
 
 def rouge_l(answer: str, reference: str) -> float:
-    return float(_ROUGE.score(reference, answer)["rougeL"].fmeasure)
+    return float(_rouge().score(reference, answer)["rougeL"].fmeasure)
 
 
 GENERATIVE = {"exact_match": exact_match, "contains": contains, "rouge_l": rouge_l, "token_f1": token_f1}

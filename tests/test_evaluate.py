@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+import sys
 
 import pytest
 import torch
@@ -22,6 +24,8 @@ from core.events import EVAL_METRICS, EvalEvent, read_events, summarize
 from core.forward import logits
 from core.generate import GenerationSettings, stream
 from core.task_metrics import OTHER, classify, contains, exact_match, normalize, rouge_l, token_f1
+from core.train import train
+from studio.jobs import registry_numbers
 from test_generate import with_method
 from test_train import run, run_config, save_tiny_lm, tiny_lm, tokenizer, write_qa
 
@@ -242,3 +246,88 @@ def test_cli_eval_errors_are_one_sentence(trained, tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
     assert main(["eval", "--run", str(trained / "run"), "--data", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ---- the registry and the Runs tab -------------------------------------------------------------------------
+
+OLD_SCHEMA = """CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, model TEXT NOT NULL DEFAULT '',
+    method TEXT NOT NULL DEFAULT '', status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', pid INTEGER,
+    device TEXT NOT NULL DEFAULT '', created REAL NOT NULL, started REAL, finished REAL, trainable INTEGER,
+    total_params INTEGER, final_loss REAL, final_eval_loss REAL, steps INTEGER, total_steps INTEGER,
+    resume INTEGER NOT NULL DEFAULT 0, queued_at REAL, config TEXT NOT NULL DEFAULT '{}')"""
+
+
+def test_an_older_registry_gains_the_metrics_column(tmp_path):
+    from studio.store import RunStore
+
+    (tmp_path / "runs").mkdir()
+    db = sqlite3.connect(tmp_path / "studio.sqlite3")
+    db.execute(OLD_SCHEMA)
+    db.execute("INSERT INTO runs (id, name, status, created) VALUES ('20261205-010203-abcdef', 'old', 'completed', 1)")
+    db.commit()
+    db.close()
+    store = RunStore(tmp_path)
+    old = store.get("20261205-010203-abcdef")
+    assert old.name == "old" and old.eval_metrics == {}
+    store.update(old.id, eval_metrics={"task_metric": "rouge_l", "task_score": 0.5})
+    assert store.get(old.id).eval_metrics == {"task_metric": "rouge_l", "task_score": 0.5}
+    RunStore(tmp_path)  # opening it again migrates nothing twice
+
+
+@pytest.fixture
+def studio_run(tmp_path):
+    """A studio context (queue not started) and a finished tiny LoRA run registered in it, trained in-process."""
+    from studio.context import StudioContext
+
+    model_dir = save_tiny_lm(tmp_path / "model", init=0.5)
+    ctx = StudioContext.create(tmp_path / "data", default_model=str(model_dir), start_jobs=False)
+    cfg = run_config(write_qa(tmp_path / "qa.json", n=12), max_steps=2)
+    cfg.model, cfg.data.val_count, cfg.train.eval_max_new_tokens = str(model_dir), 3, 4
+    r = ctx.store.create(cfg, name="tiny lora")
+    list(train(cfg, r.dir, model=tiny_lm(init=0.5), tokenizer=tokenizer()))
+    ctx.store.set_status(r.id, "completed", "done", **registry_numbers(r.dir))
+    yield ctx, r.id
+    ctx.close()
+
+
+def test_runs_tab_shows_the_metrics_and_evaluate_updates_them(studio_run):
+    from studio import actions
+    from studio.tabs.runs import HEADERS, evaluation_view, table
+
+    ctx, run_id = studio_run
+    run = ctx.store.get(run_id)
+    assert run.eval_metrics["task_metric"] == "rouge_l"  # the end-of-run eval reached the registry
+    row = dict(zip(HEADERS, table(ctx)[0]))
+    assert row["task score"] == f"ROUGE-L {run.eval_metrics['rouge_l']:.3f}" and "tok acc" in row["held-out metrics"]
+    md, worst = evaluation_view(ctx, run_id)
+    assert "ROUGE-L" in md and len(worst) == 3 and [w[3] for w in worst] == sorted(w[3] for w in worst)
+
+    # Evaluate: a background worker process; the registry and the view follow
+    (run.dir / EVAL_EXAMPLES_FILE).unlink()
+    ctx.store.update(run_id, eval_metrics={})
+    assert actions.evaluate_run(ctx, run_id)["status"] == "running"
+    with pytest.raises(ValueError, match="already being evaluated"):
+        actions.evaluate_run(ctx, run_id)
+    state = actions.evaluation(ctx, run_id, wait_s=240)
+    assert state["status"] == "done", state["message"]
+    assert state["event"]["type"] == "eval" and state["event"]["eval_rows"] == 3
+    assert ctx.store.get(run_id).eval_metrics["rouge_l"] == state["event"]["rouge_l"]
+    view = actions.run_evaluation(ctx, run_id)
+    assert len(view["examples"]) == 3 and view["metrics"]["task_metric"] == "rouge_l"
+
+
+def test_evaluate_refuses_active_runs_and_reports_a_failed_worker(studio_run):
+    from studio import actions
+    from studio.evaluations import Evaluations
+
+    ctx, run_id = studio_run
+    ctx.store.update(run_id, status="running")
+    with pytest.raises(ValueError, match="evaluate it when it has finished"):
+        actions.evaluate_run(ctx, run_id)
+    ctx.store.update(run_id, status="completed")
+    fail = "import sys; print('error: the adapter folder is corrupt', file=sys.stderr); sys.exit(2)"
+    ctx.evaluations = Evaluations(command=lambda run_dir: [sys.executable, "-c", fail])
+    actions.evaluate_run(ctx, run_id)
+    state = actions.evaluation(ctx, run_id, wait_s=60)
+    assert state == {"status": "failed", "message": "the adapter folder is corrupt", "event": None}
+    assert actions.evaluation(ctx, run_id)["status"] == "failed"
