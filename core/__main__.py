@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 -m core train --config run.yaml  # data parallel (see core/dist.py)
     python -m core generate --run runs/demo --prompt "Who are you?" [--temperature 0] [--system "..."] [--base]
     python -m core export --run runs/demo --out exported/ [--merge] [--gguf f16|q8_0]
+    python -m core eval --run runs/demo [--data held_out.json] [--json]   # held-out loss and task metrics
     python -m core inspect --data assets/identity_sample.json [--quick]
     python -m core fetch-default
 
@@ -293,6 +294,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.is_dir():
+        raise CliError(f"--run {run}: no such folder")
+    _quiet_transformers()
+    from .evaluate import EVAL_EXAMPLES_FILE, evaluate_run
+
+    event, rows = evaluate_run(run, args.data, device=args.device, max_rows=args.max_rows,
+                               max_new_tokens=args.max_new_tokens, all_examples=args.all_examples)
+    if args.json:
+        print(json.dumps(event, indent=2, ensure_ascii=False))
+        return 0
+    skip = {"type", "step", "labels", "confusion", "task_metric", "task_score"}
+    print(f"{event['task_metric']}: {event['task_score']:.4f}  ({event['eval_rows']} rows, {event['eval_s']:.1f} s)")
+    for k, v in event.items():
+        if k not in skip:
+            print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    if "confusion" in event:
+        print("confusion (reference -> predictions): " + json.dumps(event["confusion"], ensure_ascii=False))
+    if rows:
+        print(f"worst answers in {run / EVAL_EXAMPLES_FILE}; the worst: {rows[0]['answer']!r} for "
+              f"{rows[0]['reference']!r} (score {rows[0]['score']})")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data.sources import is_hub_id
 
@@ -383,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the merged model as one GGUF file, model-<encoding>.gguf (Llama family, Qwen2)")
     e.add_argument("--model", help="override the base model recorded in the run")
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="score a finished run on held-out rows (loss and task metrics)",
+                       description="Greedy answers to the run's validation rows (or every row of --data), scored "
+                       "with eval loss, perplexity, token accuracy and the format's task metrics. Appends an eval "
+                       "event to <run>/metrics.jsonl and writes the worst answers to <run>/eval_examples.jsonl.")
+    v.add_argument("--run", required=True, help="a run folder (config.yaml, adapter/)")
+    v.add_argument("--data", help="evaluate on every valid row of this file instead of the run's validation split")
+    v.add_argument("--max-rows", dest="max_rows", type=int, help="rows answered by generation (default: the run's)")
+    v.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="most tokens per answer")
+    v.add_argument("--all-examples", dest="all_examples", action="store_true",
+                   help="write every scored row to eval_examples.jsonl, not only the worst 10")
+    v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    v.add_argument("--json", action="store_true", help="print the eval event as JSON")
+    v.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="detect a dataset's format, validate it, show token lengths")
     i.add_argument("--data", required=True, help=DataConfig.help()["path"])

@@ -156,6 +156,10 @@ class TrainConfig(Validated):
     llrd_decay: float = knob(1.0, "Layer-wise LR decay: lr_l = lr·decay^(L−l−1). 1 = off.", gt=0.0, max=1.0)
     seed: int = knob(42, "Random seed for init, shuffling and dropout.", min=0)
     eval_every: int = knob(0, "Evaluate every N steps (0 = only at the end).", min=0)
+    eval_max_rows: int = knob(
+        200, "Held-out rows answered by greedy generation for the task metrics at the end (0 = loss metrics only).",
+        min=0)
+    eval_max_new_tokens: int = knob(64, "Most tokens generated per held-out answer at the end.", min=1, max=4096)
     save_every: int = knob(0, "Checkpoint every N steps (0 = only at the end).", min=0)
     log_every: int = knob(1, "Write a metrics event every N steps.", min=1)
     grad_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")

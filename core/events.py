@@ -6,7 +6,8 @@ fields and types:
 
     start   once per session, before the first step (a resumed run appends a second one)
     step    every ``log_every`` optimiser steps and at the last one
-    eval    every ``eval_every`` steps and at the end, when there is a validation set
+    eval    every ``eval_every`` steps (eval_loss) and at the end, when there is a validation set (then with
+            every metric of core.evaluate: ``EvalEvent``); ``python -m core eval`` appends one more
     end     once, when the session ends (``interrupted`` only from ``recover_status``)
 
 Field meanings:
@@ -85,10 +86,36 @@ class StepEvent(TypedDict):
     total_steps: int
 
 
-class EvalEvent(TypedDict):
+class _EvalBase(TypedDict):
     type: Literal["eval"]
     step: int
     eval_loss: float
+
+
+class EvalEvent(_EvalBase, total=False):
+    """A periodic eval has the three fields above. The end-of-run eval (and ``python -m core eval``) adds every
+    metric core.evaluate computes for the dataset's format; a metric that does not apply is left out."""
+
+    format: str  # the dataset format (core.data.FORMATS)
+    perplexity: float  # exp(eval_loss)
+    token_accuracy: float  # teacher-forced argmax accuracy at supervised positions
+    exact_match: float  # instruction / qa / conversation: means over the answered rows
+    contains: float
+    rouge_l: float
+    token_f1: float
+    accuracy: float  # classification
+    macro_f1: float
+    labels: list[str]  # classification: the labels seen in training
+    confusion: dict[str, dict[str, int]]  # classification: {reference label: {predicted label: rows}}
+    task_metric: str  # the headline metric's name (core.evaluate.TASK_METRIC), task_score its value
+    task_score: float
+    eval_rows: int  # held-out rows the task metric covers
+    eval_s: float  # seconds the evaluation took
+    data: str  # only from ``python -m core eval --data F``: the file evaluated instead of the validation split
+
+
+EVAL_METRICS = ("perplexity", "token_accuracy", "exact_match", "contains", "rouge_l", "token_f1", "accuracy",
+                "macro_f1", "task_metric", "task_score", "eval_rows", "eval_s")  # the numbers the registry keeps
 
 
 class EndEvent(TypedDict):
@@ -192,7 +219,8 @@ def finite(x: Any) -> float | None:
 
 def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The run so far in a few numbers: trainable/total_params/total_steps (start), steps, final_loss, epoch,
-    tokens_per_s, elapsed_s, eta_s (last step), final_eval_loss (last finite eval), end_status/end_reason (end).
+    tokens_per_s, elapsed_s, eta_s (last step), final_eval_loss (last finite eval), eval_metrics (the last eval
+    with task metrics: eval_loss and the ``EVAL_METRICS`` it has), end_status/end_reason (end).
     Keys without data are left out; non-finite numbers read as None."""
     out: dict[str, Any] = {}
     for e in events:
@@ -206,6 +234,9 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
             out.update({k: finite(e.get(k)) for k in ("epoch", "tokens_per_s", "elapsed_s", "eta_s")})
         elif kind == "eval" and finite(e.get("eval_loss")) is not None:
             out["final_eval_loss"] = finite(e["eval_loss"])
+            if "task_metric" in e:
+                out["eval_metrics"] = {"eval_loss": out["final_eval_loss"],
+                                       **{k: e[k] for k in EVAL_METRICS if e.get(k) is not None}}
         elif kind == "end":
             out["end_status"], out["end_reason"] = e.get("status"), e.get("reason") or ""
     return out
@@ -237,7 +268,10 @@ def describe(e: dict[str, Any]) -> str:
                 f"grad {e['grad_norm'].get('total', float('nan')):.3f}  {e['tokens_per_s']:.0f} tok/s  "
                 f"eta {duration(e['eta_s'])}")
     if t == "eval":
-        return f"eval at step {e['step']}: loss {e['eval_loss']:.4f}"
+        text = f"eval at step {e['step']}: loss {e['eval_loss']:.4f}"
+        if "task_metric" in e and e["task_metric"] != "eval_loss":
+            text += f", {e['task_metric']} {e['task_score']:.4f} over {e.get('eval_rows')} answers"
+        return text
     return f"end: {e['status']} at step {e['step']} ({e['reason']})"
 
 

@@ -16,7 +16,8 @@ case); ``_setup`` loads data, model and method, builds the optimiser, restores a
 ``_accumulate_gradients``, ``_read_metrics``, ``_optimizer_step``, ``_step_event``, ``_eval_due`` /
 ``_eval_event``, ``_stop_check``, ``_periodic_checkpoint``) and returns an ``Ending``. ``_decide`` is the one failure policy:
 it turns the loop's ending or any exception into the run's final status and reason. ``_wrap_up`` does the
-final eval and saves what a run that did not fail leaves behind.
+final eval (``_final_eval``: every metric of core.evaluate, the worst answers to ``<run>/eval_examples.jsonl``)
+and saves what a run that did not fail leaves behind.
 
 What the loop guarantees
 ------------------------
@@ -77,6 +78,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .data import TOKENISED, LengthGroupedBatches, load_examples, split
+from .evaluate import EvalSettings, evaluate, labels_of, loss_metrics, teacher_forced, write_examples
 from .events import (
     METRICS_FILE,
     EndEvent,
@@ -240,6 +242,8 @@ class RunState:
     micro_per_step: int  # grad_accum · world_size
     start: StartEvent
     rng: dict[str, Any] | None  # the checkpoint's RNG state, set right before the first step
+    tokenizer: Any = None
+    data_format: str = ""  # the dataset's format (core.data.FORMATS): which task metrics the final eval gives
 
     @property
     def cfg(self) -> RunConfig:
@@ -278,7 +282,7 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
         remove_stale_temp(files.run_dir)  # what a killed worker may have left half-written
     seed_everything(tc.seed)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    batches, val_batches, n_train, n_val = _data(session, tokenizer)  # a bad dataset fails before the model loads
+    batches, val_batches, fmt = _data(session, tokenizer)  # a bad dataset fails before the model loads
     precision = resolve_precision(tc.precision, device)
     dtype = base_dtype(precision)
     if model is None:
@@ -309,16 +313,16 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
         "type": "start", "step": p.start_step, "total_steps": p.total_steps, "trainable": trainable,
         "total_params": total, "method": method.name, "device": str(device), "world_size": session.world.world_size,
         "num_layers": num_layers, "groups": [{"name": g["name"], "depth": g["depth"]} for g in optimizer.param_groups],
-        "train_examples": n_train, "val_examples": n_val,
+        "train_examples": len(batches.examples), "val_examples": len(val_batches.examples) if val_batches else 0,
         "resumed_from": p.start_step if rng is not None else None,
     }
     return RunState(session, model, method, optimizer, batches, val_batches, loss_module, forward, ddp,
-                    autocast(precision, device),
-                    _grad_norm_labels(model, optimizer, num_layers), num_layers, micro_per_step, start, rng)
+                    autocast(precision, device), _grad_norm_labels(model, optimizer, num_layers), num_layers,
+                    micro_per_step, start, rng, tokenizer, fmt)
 
 
-def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGroupedBatches | None, int, int]:
-    """(train batches, validation batches or None, train examples, validation examples)."""
+def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGroupedBatches | None, str]:
+    """(train batches, validation batches or None, the dataset's format)."""
     cfg, tc = session.cfg, session.cfg.train
     # tokenised once per run: resume and evaluation read <run>/tokenised/ back (core.data.cache)
     examples, report = load_examples(cfg.data, tokenizer, tc.max_len, cache_dir=session.files.run_dir / TOKENISED)
@@ -331,7 +335,7 @@ def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGrou
     batches = LengthGroupedBatches(train_set, tc.batch_size, tc.seed, pad_id, group=session.device.type != "cpu")
     val_batches = LengthGroupedBatches(val_set, tc.batch_size, tc.seed, pad_id, shuffle=False) if val_set else None
     session.files.log(f"{report.summary()}\ndata: {len(train_set)} train / {len(val_set)} val examples")
-    return batches, val_batches, len(train_set), len(val_set)
+    return batches, val_batches, report.format
 
 
 def _optimizer(model: nn.Module, method: Method, tc, fp32_master: bool) -> tuple[torch.optim.Optimizer, int]:
@@ -490,9 +494,37 @@ def _eval_due(run: RunState) -> bool:
 
 def _eval_event(run: RunState) -> EvalEvent:
     """Mean validation loss per supervised token (written to metrics.jsonl); the model goes back to training."""
-    loss = evaluate(run.loss_module, run.val_batches, run.session.device, run.autocast, run.session.world)
+    loss = loss_metrics(_eval_totals(run))["eval_loss"]
     run.model.train()
     return run.files.event({"type": "eval", "step": run.p.step, "eval_loss": loss})
+
+
+def _eval_totals(run: RunState):
+    """core.evaluate.teacher_forced over the validation set, sharded over the ranks and summed."""
+    world, tc = run.session.world, run.cfg.train
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    totals = teacher_forced(run.model, run.method, run.val_batches.examples, pad_id, tc.batch_size, run.autocast,
+                            (world.rank, world.world_size))
+    return dist.all_reduce_sum(totals, world)
+
+
+def _final_eval(run: RunState) -> EvalEvent:
+    """The end-of-run eval event (core.evaluate): the loss metrics over every validation row, and, on rank 0,
+    the task metrics of up to ``eval_max_rows`` greedy answers; the worst answers go to eval_examples.jsonl."""
+    t0 = time.perf_counter()
+    totals = _eval_totals(run)
+    event: dict[str, Any] = {"type": "eval", "step": run.p.step, **loss_metrics(totals)}
+    if run.session.world.is_main:
+        tc = run.cfg.train
+        settings = EvalSettings(tc.eval_max_rows, tc.eval_max_new_tokens, max(16, tc.batch_size))
+        labels = labels_of(run.batches.examples, run.tokenizer) if run.data_format == "classification" else []
+        result = evaluate(run.model, run.tokenizer, run.method, run.val_batches.examples, run.data_format, labels,
+                          settings, run.autocast, totals)
+        event.update(result.metrics)
+        if result.rows:
+            write_examples(run.files.run_dir, result.rows)
+    event["eval_s"] = round(time.perf_counter() - t0, 3)
+    return run.files.event(event)
 
 
 def _stop_check(run: RunState, log_now: bool) -> Ending | None:
@@ -565,7 +597,7 @@ def _wrap_up(run: RunState, ending: Ending) -> Events:
     run.p.phase = "finishing"
     run.model.eval()
     if ending.status == "completed" and run.val_batches is not None:
-        yield _eval_event(run)
+        yield _final_eval(run)
         run.model.eval()
     _save(run, adapter=True)
 
@@ -648,21 +680,6 @@ def micro_batches(batches: LengthGroupedBatches, start: int) -> Iterator:
     while True:
         yield from batches.epoch(epoch, skip=skip)
         epoch, skip = epoch + 1, 0
-
-
-@torch.no_grad()
-def evaluate(loss_module: nn.Module, val_batches: LengthGroupedBatches, device, autocast, world) -> float:
-    """Mean loss per supervised token over the validation set (sharded over ranks)."""
-    loss_module.eval()
-    total = torch.zeros(2, device=device)
-    for i, b in enumerate(val_batches.epoch(0)):
-        if i % world.world_size != world.rank:
-            continue
-        with autocast():  # right-padded batches: no attention mask needed (core.forward)
-            s, n = loss_module(b.input_ids.to(device), None, b.labels.to(device))
-        total += torch.stack([s.float(), n.float()])
-    dist.all_reduce_sum(total, world)
-    return float(total[0] / total[1].clamp(min=1))
 
 
 def _training_batches(batches: LengthGroupedBatches, device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -816,5 +833,5 @@ class RunFiles:
         return CheckpointWriteError(f"could not write {what}: {_write_problem(e)}; {kept}")
 
 
-__all__ = ["train", "recover_status", "run_failure", "evaluate", "LossModule", "StopRequest", "Ending", "RunState",
+__all__ = ["train", "recover_status", "run_failure", "LossModule", "StopRequest", "Ending", "RunState",
            "STOP_FILE"]

@@ -31,6 +31,7 @@ from typing import Any, get_type_hints
 from core.advisor import recommend
 from core.config import DataConfig, RunConfig, TrainConfig
 from core.data import TOKENISED, DataError
+from core.evaluate import read_examples
 from core.generate import GenerationSettings
 from core.methods import menu, spec
 from core.preflight import preflight
@@ -351,6 +352,34 @@ def delete_run(ctx, run_id: str) -> str:
     return run.name
 
 
+def evaluate_run(ctx, run_id: str) -> dict[str, Any]:
+    """Start scoring a finished run on its held-out rows, in the background (``python -m core eval``).
+    Returns {"id", "name", "status": "running"}; ``evaluation`` tells how it goes."""
+    run = _get(ctx, run_id)
+    ctx.evaluations.start(ctx.store, run.id)
+    return {"id": run.id, "name": run.name, "status": "running"}
+
+
+def evaluation(ctx, run_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+    """How the run's on-demand evaluation stands: {"status": "none" | "running" | "done" | "failed", "message",
+    "event"}; waits up to ``wait_s`` seconds for a running one to end."""
+    run = _get(ctx, run_id)
+    state = ctx.evaluations.wait(run.id, wait_s) if wait_s > 0 else ctx.evaluations.state(run.id)
+    if state is None:
+        return {"status": "none", "message": "", "event": None}
+    return {"status": state.status, "message": state.message, "event": state.event}
+
+
+def run_evaluation(ctx, run_id: str) -> dict[str, Any]:
+    """What a run's view shows of its held-out evaluation: {"metrics": the registry's (the last full eval event's
+    numbers, {} before any), "confusion", "labels" (classification), "examples": the worst rows of
+    eval_examples.jsonl (prompt, reference, answer, score)}."""
+    run = _get(ctx, run_id)
+    last = next((e for e in reversed(of_type(ctx.metrics.events(run.dir), "eval")) if "task_metric" in e), {})
+    return {"metrics": dict(run.eval_metrics), "confusion": last.get("confusion"), "labels": last.get("labels"),
+            "examples": read_examples(run.dir)}
+
+
 # ---- Chat tab ----------------------------------------------------------------------------------------------
 
 
@@ -439,7 +468,8 @@ def export_merged(ctx, run_id: str) -> dict[str, Any]:
 
 __all__ = [
     "BY_KEY", "ENTRIES", "Entry", "FORM_IDS", "advise", "apply_advice", "build_config", "chat", "chat_reply",
-    "chat_start", "check", "delete_check", "delete_run", "entry_for", "export_adapter", "export_merged",
+    "chat_start", "check", "delete_check", "delete_run", "entry_for", "evaluate_run", "evaluation", "export_adapter",
+    "export_merged", "run_evaluation",
     "form_defaults", "knob_id", "rename_run", "resume_run", "run_status", "start_run", "stop_run", "upload_dataset",
     "use_sample",
 ]

@@ -14,6 +14,7 @@ from core.config import DEFAULT_MODEL
 
 from .chat import ChatService
 from .estimate import Estimator
+from .evaluations import Evaluations
 from .jobs import CommandFn, JobQueue
 from .metrics import MetricsCache
 from .paths import inside
@@ -50,6 +51,7 @@ class StudioContext:
     estimator: Estimator = field(default_factory=Estimator)
     tokenizers: TokenizerCache = field(default_factory=TokenizerCache)
     chat: ChatService = field(default_factory=ChatService)
+    evaluations: Evaluations = field(default_factory=Evaluations)  # the Runs tab's Evaluate, in the background
     assets_dir: Path = ASSETS
 
     @classmethod

@@ -16,7 +16,8 @@ from core.events import duration
 from .store import Run
 
 log = logging.getLogger("studio")
-__all__ = ["log", "duration", "count", "size", "folder_size", "loss", "run_label", "knobs_text", "esc", "user_error"]
+__all__ = ["log", "duration", "count", "size", "folder_size", "loss", "run_label", "knobs_text", "esc", "user_error",
+           "task_score", "eval_text"]
 
 
 def count(n: int | None) -> str:
@@ -46,6 +47,27 @@ def folder_size(folder: Path) -> int:
 
 def loss(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
+
+
+EVAL_SHORT = {"exact_match": "EM", "contains": "contains", "token_f1": "F1", "rouge_l": "ROUGE-L",
+              "accuracy": "accuracy", "macro_f1": "macro-F1", "token_accuracy": "tok acc", "perplexity": "ppl"}
+
+
+def task_score(metrics: dict | None) -> str:
+    """'ROUGE-L 0.812' — the headline metric of a run's last full evaluation; '—' before any."""
+    m = metrics or {}
+    name, value = m.get("task_metric"), m.get("task_score")
+    if not name or not isinstance(value, (int, float)):
+        return "—"
+    return f"{EVAL_SHORT.get(name, name.replace('_', ' '))} {value:.3f}"
+
+
+def eval_text(metrics: dict | None) -> str:
+    """'EM 0.50 · contains 0.92 · F1 0.85 · tok acc 0.93 · ppl 1.10': the other metrics, compactly."""
+    m = metrics or {}
+    parts = [f"{short} {m[k]:.2f}" for k, short in EVAL_SHORT.items()
+             if k != m.get("task_metric") and isinstance(m.get(k), (int, float))]
+    return " · ".join(parts) or "—"
 
 
 def run_label(run: Run) -> str:

@@ -328,7 +328,7 @@ def _last_line(run_dir: Path) -> str:
 def registry_numbers(run_dir: Path) -> dict:
     """Registry columns taken from metrics.jsonl (None values are left out)."""
     s = summarize(read_events(run_dir / "metrics.jsonl"))
-    keys = ("trainable", "total_params", "final_loss", "final_eval_loss", "steps", "total_steps")
+    keys = ("trainable", "total_params", "final_loss", "final_eval_loss", "steps", "total_steps", "eval_metrics")
     return {k: s[k] for k in keys if s.get(k) is not None}
 
 

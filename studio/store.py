@@ -36,6 +36,7 @@ _COLUMNS = {
     "name": str, "model": str, "method": str, "status": str, "reason": str, "pid": int, "device": str,
     "created": float, "started": float, "finished": float, "trainable": int, "total_params": int,
     "final_loss": float, "final_eval_loss": float, "steps": int, "total_steps": int, "resume": int, "queued_at": float,
+    "eval_metrics": dict,
 }
 
 _SCHEMA = """
@@ -59,9 +60,12 @@ CREATE TABLE IF NOT EXISTS runs (
     total_steps INTEGER,
     resume INTEGER NOT NULL DEFAULT 0,
     queued_at REAL,
-    config TEXT NOT NULL DEFAULT '{}'
+    config TEXT NOT NULL DEFAULT '{}',
+    eval_metrics TEXT
 )
 """
+# Columns added after the first release, added to an older registry when it is opened: {name: SQL type}.
+_MIGRATIONS = {"eval_metrics": "TEXT"}
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Run:
     resume: int
     queued_at: float | None
     config: dict[str, Any] = field(default_factory=dict)
+    eval_metrics: dict[str, Any] = field(default_factory=dict)  # core.events.summarize's: the last full eval
     dir: Path = Path()
 
     @property
@@ -125,6 +130,10 @@ class RunStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
+            for name, sql_type in _MIGRATIONS.items():
+                if name not in have:  # a registry from before this column: add it, rows read it as empty
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
@@ -192,10 +201,12 @@ class RunStore:
 
     def _to_run(self, row: sqlite3.Row) -> Run:
         d = dict(row)
-        try:
-            d["config"] = json.loads(d.get("config") or "{}")
-        except json.JSONDecodeError:
-            d["config"] = {}
+        for key in ("config", "eval_metrics"):
+            try:
+                value = json.loads(d.get(key) or "{}")
+            except json.JSONDecodeError:
+                value = {}
+            d[key] = value if isinstance(value, dict) else {}
         return Run(**d, dir=self.runs_root / d["id"])
 
     # ---- update --------------------------------------------------------------------------------------------
@@ -209,6 +220,8 @@ class RunStore:
             raise ValueError(f"status {values['status']!r}: choose one of {', '.join(STATUSES)}")
         if not values:
             return
+        if "eval_metrics" in values:
+            values["eval_metrics"] = json.dumps(values["eval_metrics"] or {})
         sets = ", ".join(f"{k} = ?" for k in values)
         self._exec(f"UPDATE runs SET {sets} WHERE id = ?", (*values.values(), run_id))
 

@@ -24,7 +24,7 @@ a loaded adapter holds the computed table itself (``VirtualTable``), like PEFT's
 
 Generation (core/generate.py) runs any method, virtual or not, with the KV cache like this:
 
-    step = prefill(model, method, input_ids, attention_mask)      # the prompt, once
+    step = prefill(model, method, input_ids, attention_mask)      # the prompt, once (left padding allowed)
     while ...:
         next_ids = pick(step.logits)                              # (B, 1)
         step = decode_step(model, next_ids, step)                 # one token, cache grows by one
@@ -271,6 +271,7 @@ class Step:
     logits: Tensor  # (B, V) next-token logits at the last position
     cache: Any  # the model's KV cache, virtual positions included
     attention_mask: Tensor  # (B, m + T + generated so far), virtual positions included
+    padded: bool = False  # left-padded rows: positions come from the mask (see ``mask_positions``)
 
 
 @torch.no_grad()
@@ -282,16 +283,28 @@ def prefill(model: nn.Module, method: Method | None, input_ids: Tensor, attentio
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     else:
         kwargs = method.prepare_inputs(model, input_ids, attention_mask)
+    padded = bool((attention_mask == 0).any())
+    if padded:  # left padding: each row's real tokens get the positions they would have alone
+        width = (kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else kwargs["input_ids"]).shape[1]
+        kwargs["position_ids"] = mask_positions(kwargs["attention_mask"])[:, -width:]
     out = model.base_model(**kwargs, use_cache=True)
-    return Step(_last_logits(model, out), output_cache(out), kwargs["attention_mask"])
+    return Step(_last_logits(model, out), output_cache(out), kwargs["attention_mask"], padded)
 
 
 @torch.no_grad()
 def decode_step(model: nn.Module, next_ids: Tensor, step: Step) -> Step:
     """Feed one token per row, next_ids (B, 1); positions continue from the cache length (virtual ones included)."""
     mask = torch.cat([step.attention_mask, step.attention_mask.new_ones(next_ids.shape[0], 1)], dim=1)
-    out = model.base_model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): step.cache})
-    return Step(_last_logits(model, out), output_cache(out), mask)
+    extra = {"position_ids": mask_positions(mask)[:, -1:]} if step.padded else {}
+    out = model.base_model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): step.cache},
+                           **extra)
+    return Step(_last_logits(model, out), output_cache(out), mask, step.padded)
+
+
+def mask_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids (B, L) of a left-padded mask (B, L): 0, 1, ... over each row's real (and virtual) positions,
+    1 on padding (never attended to), as transformers' ``generate`` does."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
 def output_cache(out) -> Any:

@@ -1,4 +1,5 @@
-"""Runs tab: the history table, a loss overlay of selected runs, and resume / rename / delete (with confirmation)."""
+"""Runs tab: the history table, a loss overlay of selected runs, resume / rename / delete (with confirmation), and a
+run's held-out evaluation: its metrics, the confusion table (classification), its worst answers, and Evaluate."""
 
 from __future__ import annotations
 
@@ -7,19 +8,49 @@ from typing import Any
 import gradio as gr
 
 from .. import actions, charts
-from ..format import count, duration, esc, folder_size, loss, size, user_error
+from ..format import count, duration, esc, eval_text, folder_size, loss, size, task_score, user_error
 from .common import run_choices, safe_get
 
 HEADERS = ["name", "model", "method", "trainable params", "status", "duration", "train loss", "eval loss",
-           "adapter size", "id"]
+           "task score", "held-out metrics", "adapter size", "id"]
+EXAMPLE_HEADERS = ["prompt (end)", "reference", "answer", "score"]
+PROMPT_TAIL = 160  # characters of a prompt the worst-examples table shows (its end: the question)
+EVAL_POLL_S = 1.0
 
 
 def table(ctx) -> list[list[Any]]:
     rows = []
     for r in ctx.store.list():
         rows.append([r.name, r.model, r.method, count(r.trainable), r.status, duration(r.duration_s),
-                     loss(r.final_loss), loss(r.final_eval_loss), size(folder_size(r.adapter_dir)), r.id])
+                     loss(r.final_loss), loss(r.final_eval_loss), task_score(r.eval_metrics), eval_text(r.eval_metrics),
+                     size(folder_size(r.adapter_dir)), r.id])
     return rows
+
+
+def evaluation_view(ctx, run_id: str | None) -> tuple[str, list[list[Any]]]:
+    """(markdown: the run's metrics and confusion table, rows of its worst held-out answers)."""
+    if not run_id or safe_get(ctx, run_id) is None:
+        return "", []
+    v = actions.run_evaluation(ctx, run_id)
+    m = v["metrics"]
+    if not m:
+        return "No held-out evaluation yet: press **Evaluate** (runs with a validation split get one when they end).", []
+    lines = [f"**{esc(task_score(m))}** over {m.get('eval_rows', '?')} held-out rows · eval loss "
+             f"{loss(m.get('eval_loss'))} · {esc(eval_text(m))}"]
+    labels, confusion = v["labels"] or [], v["confusion"] or {}
+    if confusion:
+        cols = [*labels, *sorted({p for row in confusion.values() for p in row} - set(labels))]
+        lines += ["", "| reference ↓ / answer → | " + " | ".join(esc(c) for c in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for ref, row in confusion.items():
+            lines.append(f"| {esc(ref)} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
+    rows = [[_tail(e.get("prompt", "")), e.get("reference", ""), e.get("answer", ""), e.get("score")]
+            for e in v["examples"]]
+    return "\n".join(lines), rows
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= PROMPT_TAIL else "…" + text[-PROMPT_TAIL:]
 
 
 def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
@@ -42,12 +73,17 @@ def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                     rename = gr.Button("Rename", scale=1)
                 with gr.Row():
                     resume = gr.Button("Resume", variant="primary")
+                    evaluate = gr.Button("Evaluate", elem_id="ps-evaluate")
                     delete = gr.Button("Delete…", variant="stop")
                 with gr.Row(visible=False) as confirm_row:
                     confirm_md = gr.Markdown()
                     confirm = gr.Button("Yes, delete it", variant="stop", elem_id="ps-confirm-delete")
                     cancel = gr.Button("Cancel")
                 message = gr.Markdown(elem_id="ps-runs-message")
+        gr.Markdown("#### Held-out evaluation of the chosen run")
+        eval_md = gr.Markdown(elem_id="ps-eval-summary")
+        worst = gr.Dataframe(headers=EXAMPLE_HEADERS, value=[], interactive=False, wrap=True, max_height=360,
+                             label="Worst held-out answers", elem_id="ps-eval-examples")
 
     def refreshed(sel_compare=None, sel_target=None):
         choices = run_choices(ctx)
@@ -74,6 +110,16 @@ def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
             return gr.update(visible=False), "", esc(d["reason"])
         return gr.update(visible=True), f"Delete **{esc(d['name'])}** and its folder for good?", ""
 
+    def on_evaluate(run_id, sel):
+        r = actions.evaluate_run(ctx, run_id)
+        yield (f"Evaluating **{esc(r['name'])}** on its held-out rows…", *refreshed(sel, run_id),
+               *evaluation_view(ctx, run_id))
+        while (state := actions.evaluation(ctx, run_id, wait_s=EVAL_POLL_S))["status"] == "running":
+            pass  # a generator handler runs in a worker thread: the page stays live meanwhile
+        if state["status"] == "failed":
+            raise ValueError(f"Evaluation of {r['name']} failed: {state['message']}")
+        yield f"Evaluated **{esc(r['name'])}**.", *refreshed(sel, run_id), *evaluation_view(ctx, run_id)
+
     def on_confirm(run_id, sel):
         name = actions.delete_run(ctx, run_id)
         return gr.update(visible=False), f"Deleted **{esc(name)}**.", *refreshed(sel, None)
@@ -85,11 +131,14 @@ def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     compare_log.change(on_overlay, [compare, compare_log], overlay, api_visibility="private")
     target.change(lambda i: getattr(safe_get(ctx, i), "name", ""), target, new_name,
                   api_visibility="private")
+    target.change(lambda i: evaluation_view(ctx, i), target, [eval_md, worst], api_name="run_evaluation")
     rename.click(user_error(on_rename), [target, new_name, compare], [message, *lists], api_name="rename_run")
     resume.click(user_error(on_resume), [target, compare], [message, *lists], api_name="resume_run")
+    evaluate.click(user_error(on_evaluate), [target, compare], [message, *lists, eval_md, worst],
+                   api_name="evaluate_run")
     delete.click(user_error(on_delete), target, [confirm_row, confirm_md, message], api_name="delete_run")
     confirm.click(user_error(on_confirm), [target, compare], [confirm_row, message, *lists], api_name="confirm_delete")
     cancel.click(lambda: (gr.update(visible=False), "Nothing was deleted."), None, [confirm_row, message],
                  api_visibility="private")
     return {"table": runs_table, "compare": compare, "overlay": overlay, "target": target, "message": message,
-            "confirm": confirm}
+            "confirm": confirm, "evaluate": evaluate, "eval_summary": eval_md, "eval_examples": worst}
