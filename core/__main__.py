@@ -67,12 +67,19 @@ def _add_fields(group, cls, rename: dict[str, str] | None = None, extra_help: di
             help_text += f" Comma-separated. Default: {','.join(map(str, default)) or 'none'}."
         else:
             help_text += f" Default: {default!r}."
-        kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+        kw: dict[str, Any] = {
+            "dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS, "help": _escape(help_text)
+        }
         if hints[f.name] is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")
         else:
             kw.update(metavar=f.name.upper())
         group.add_argument(_flag(name), **kw)
+
+
+def _escape(help_text: str) -> str:
+    """argparse formats help with %: a literal % (e.g. "train[:90%]") must be doubled."""
+    return help_text.replace("%", "%%")
 
 
 def _data_path(value: str) -> str:
@@ -105,7 +112,7 @@ def _add_method_knobs(group) -> None:
         helps = dict.fromkeys(f.metadata.get("help", "") for _, f, _ in entries)
         defaults = "; ".join(f"{m}: {_show(s.defaults()[knob])}" for m, s in ((m, spec(m)) for m, _, _ in entries))
         help_text = f"{' / '.join(helps)} [default {defaults}]"
-        kw: dict[str, Any] = {"dest": f"method.{knob}", "default": argparse.SUPPRESS, "help": help_text}
+        kw: dict[str, Any] = {"dest": f"method.{knob}", "default": argparse.SUPPRESS, "help": _escape(help_text)}
         if entries[0][2] is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")
         else:

@@ -22,6 +22,7 @@ from gradio_client import Client, handle_file
 from core.schedules import lr_multiplier
 from studio import charts
 from studio.context import StudioContext
+from studio.datasets import EXTENSIONS
 from studio.ui import build_app, launch_options
 
 from conftest import tiny_model_dir  # noqa: F401  (the fixture lives in conftest; tests/soak.py imports it from here)
@@ -197,7 +198,8 @@ def test_wrong_extension_is_refused(client, app, tiny_model_dir, tmp_path):
     uploads = sorted(app[0].uploads_dir.iterdir())
     with pytest.raises(Exception) as e:
         client.predict(handle_file(str(path)), tiny_model_dir, 128, api_name="/upload_dataset")
-    assert str(e.value) == "Invalid file type. Please upload a file that is one of these formats: ['.json', '.jsonl']"
+    accepted = list(EXTENSIONS)
+    assert str(e.value) == f"Invalid file type. Please upload a file that is one of these formats: {accepted}"
     assert sorted(app[0].uploads_dir.iterdir()) == uploads  # nothing was stored
 
 
