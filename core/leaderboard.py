@@ -24,6 +24,8 @@ A run without an end-of-run eval (failed, stopped, or no validation rows) has th
 from __future__ import annotations
 
 import csv
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +134,7 @@ def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # one per writer
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()

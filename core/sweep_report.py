@@ -8,6 +8,8 @@ needs no server; nothing is fetched from the network.
 from __future__ import annotations
 
 import html
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,7 @@ def render(rows: list[dict[str, Any]], curves: list[tuple[str, list[dict]]], ver
 def write_report(path: str | Path, rows: list[dict[str, Any]], curves: list[tuple[str, list[dict]]],
                  verdict: dict[str, Any], settings: dict[str, Any]) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # one per writer
     tmp.write_text(render(rows, curves, verdict, settings), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -96,18 +96,23 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
         return text, gr.update(choices=sweeps.experiments(ctx), value=started["id"]), None
 
     def refresh(sweep_id, last):
-        """Redraw when the experiment changed (a step, an eval, an end); skip otherwise."""
+        """Redraw when the experiment changed (a step, an eval, an end); skip otherwise. results.csv and
+        report.html are rewritten only when a run's status or score changed (not at every step)."""
         if not sweep_id or ctx.store.sweep(sweep_id) is None:
             return "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
         view = sweeps.experiment_view(ctx, sweep_id)
-        key = [sweep_id, [(r["status"], r["steps"], r["task_score"]) for r in view["rows"]]]
+        ended = [sweep_id, [(r["status"], r["task_score"]) for r in view["rows"]], view["done"]]
+        key = [*ended, [r["steps"] for r in view["rows"]]]
         if key == last:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
-        files = sweeps.experiment_files(ctx, sweep_id)
+        csv_up = html_up = gr.skip()
+        if not last or last[:3] != ended:
+            files = sweeps.experiment_files(ctx, sweep_id)
+            csv_up = gr.update(value=files["csv"], interactive=True)
+            html_up = gr.update(value=files["html"], interactive=True)
         state = "all runs ended" if view["done"] else "runs still queued or training"
         text = f"**Advisor vs measurement** ({state}): {esc(view['verdict']['text'])}"
-        return (text, styled(view), charts.overlay_figure(view["curves"]),
-                gr.update(value=files["csv"], interactive=True), gr.update(value=files["html"], interactive=True), key)
+        return text, styled(view), charts.overlay_figure(view["curves"]), csv_up, html_up, key
 
     def on_tab():
         return gr.update(choices=sweeps.dataset_choices(ctx))
