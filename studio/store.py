@@ -75,6 +75,19 @@ CREATE TABLE IF NOT EXISTS sweeps (
     record TEXT NOT NULL DEFAULT '{}'
 )
 """
+# API tokens (studio.tokens): only the sha256 of each secret is kept. ``revoked`` is when it was revoked (NULL: valid).
+_TOKENS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL,
+    revoked REAL
+)
+"""
+# Tables added after the first release, created in an older registry when it is opened.
+_TABLES = (_SWEEPS, _TOKENS_SCHEMA)
 # Columns added after the first release, added to an older registry when it is opened: {name: SQL type}.
 _MIGRATIONS = {"eval_metrics": "TEXT", "sweep": "TEXT"}
 
@@ -142,7 +155,8 @@ class RunStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
-            db.execute(_SWEEPS)
+            for table in _TABLES:
+                db.execute(table)
             have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
             for name, sql_type in _MIGRATIONS.items():
                 if name not in have:  # a registry from before this column: add it, rows read it as empty
@@ -301,6 +315,28 @@ class RunStore:
     def sweeps(self) -> list[dict[str, Any]]:
         """Every experiment, newest first: {"id", "name", "created"}."""
         return [dict(r) for r in self._exec("SELECT id, name, created FROM sweeps ORDER BY created DESC")]
+
+    # ---- API tokens (the logic is studio.tokens') ---------------------------------------------------------
+
+    def add_token(self, token_id: str, name: str, digest: str) -> None:
+        self._exec("INSERT INTO api_tokens (id, name, hash, created) VALUES (?,?,?,?)",
+                   (token_id, name, digest, time.time()))
+
+    def token(self, token_id: str) -> dict[str, Any] | None:
+        rows = self._exec("SELECT * FROM api_tokens WHERE id = ?", (token_id,))
+        return dict(rows[0]) if rows else None
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token (valid and revoked), newest first, without the hashes."""
+        rows = self._exec("SELECT id, name, created, last_used, revoked FROM api_tokens "
+                          "ORDER BY created DESC, rowid DESC")
+        return [dict(r) for r in rows]
+
+    def update_token(self, token_id: str, *, last_used: float | None = None, revoked: float | None = None) -> None:
+        values = {k: v for k, v in (("last_used", last_used), ("revoked", revoked)) if v is not None}
+        if values:
+            sets = ", ".join(f"{k} = ?" for k in values)
+            self._exec(f"UPDATE api_tokens SET {sets} WHERE id = ?", (*values.values(), token_id))
 
     # ---- startup -------------------------------------------------------------------------------------------
 

@@ -15,7 +15,10 @@ from typing import Any
 import gradio as gr
 
 from starlette.middleware import Middleware
+from starlette.routing import Mount
 
+from .api import PREFIX as API_PREFIX
+from .api import WithParent, build_api
 from .context import StudioContext
 from .security import HideApiInfoWhenLoggedOut, LoginThrottle, ThrottleLogins
 from .tabs.chat import create_chat_tab
@@ -79,9 +82,14 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
 
 def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
                    throttle: LoginThrottle | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests). With auth, failed
-    sign-ins are throttled per address (``throttle``, default LoginThrottle())."""
-    middleware = [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins, throttle=throttle or LoginThrottle())]
+    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests): the theme, auth,
+    and the JSON API (studio.api) mounted at /api/v1 under the same auth. With auth, failed sign-ins on the page and
+    on the API are throttled per address by one LoginThrottle (``throttle``, default LoginThrottle())."""
+    throttle = throttle or LoginThrottle()
+    app_kwargs: dict[str, Any] = {"routes": [Mount(API_PREFIX, app=WithParent(build_api(ctx, auth, throttle)))],
+                                  "openapi_url": None}  # FastAPI's schema of gradio's routes: ours is at /api/v1
+    if auth:
+        app_kwargs["middleware"] = [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins, throttle=throttle)]
     return {
         "theme": theme(),
         "css_paths": [CSS_PATH] if CSS_PATH.exists() else None,
@@ -91,5 +99,6 @@ def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
         "allowed_paths": [str(ctx.exports_dir)],
         "show_error": False,
         "favicon_path": str(LOGO_PATH) if LOGO_PATH.exists() else None,
-        "app_kwargs": {"middleware": middleware} if auth else None,
+        "app_kwargs": app_kwargs,
+        "run_history": False,  # gradio's run history (uploads to a Hub bucket) is not part of the studio
     }
