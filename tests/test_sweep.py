@@ -59,7 +59,7 @@ def test_results_csv_matches_each_runs_events(methods_sweep):
         assert int(r["steps"]) == last["step"] == 3
         assert float(r["train_s"]) == pytest.approx(last["elapsed_s"])
         assert int(r["supervised_tokens"]) == last["supervised_tokens"] > 0
-        assert float(r["tokens_per_s"]) == pytest.approx(last["supervised_tokens"] / last["elapsed_s"], rel=1e-3)
+        assert float(r["tokens_per_s"]) == pytest.approx(last["supervised_tokens"] / last["elapsed_s"], abs=0.05)  # rounded to 0.1
         assert float(r["peak_mem_mb"]) == pytest.approx(last["peak_mem_mb"]) and last["peak_mem_mb"] > 0
         size = sum(p.stat().st_size for p in (run / "adapter").rglob("*") if p.is_file())
         assert float(r["adapter_mb"]) == pytest.approx(size / 2**20, abs=1e-3)
