@@ -1,4 +1,4 @@
-"""build_app(ctx) -> gr.Blocks: a header (logo, base model) and six tabs, each built by its own function in
+"""build_app(ctx) -> gr.Blocks: a header (logo, base model) and seven tabs, each built by its own function in
 studio/tabs/ (LLaMA-Factory style: ``create_x_tab(ctx, shared) -> dict[str, Component]``, events wired at the
 bottom of each builder).
 
@@ -24,6 +24,7 @@ from .security import HideApiInfoWhenLoggedOut, LoginThrottle, ThrottleLogins
 from .tabs.chat import create_chat_tab
 from .tabs.common import default_run, run_choices
 from .tabs.data import create_data_tab
+from .tabs.experiment import create_experiment_tab, wire_chat
 from .tabs.export import create_export_tab
 from .tabs.monitor import create_monitor_tab
 from .tabs.runs import create_runs_tab
@@ -64,9 +65,11 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             shared["data_tab"] = create_data_tab(ctx, shared)
             shared["train_tab"] = create_train_tab(ctx, shared)
             shared["monitor_tab"] = create_monitor_tab(ctx, shared)
+            shared["experiment_tab"] = create_experiment_tab(ctx, shared)
             shared["runs_tab"] = create_runs_tab(ctx, shared)
             shared["chat_tab"] = create_chat_tab(ctx, shared)
             shared["export_tab"] = create_export_tab(ctx, shared)
+        wire_chat(ctx, shared)  # Experiment -> Chat: both tabs exist now
 
         for fn, name in shared["apis"]:
             gr.api(fn, api_name=name)
