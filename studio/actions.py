@@ -109,6 +109,15 @@ def form_defaults() -> dict[str, Any]:
 FORM_IDS = tuple(form_defaults())
 
 
+def param_name(form_id: str) -> str:
+    """The Python name of a form id, as Gradio's API shows it: "train.lr" -> "train_lr", "lora.r" -> "lora_r"."""
+    return form_id.replace(".", "_")
+
+
+PARAM_IDS = {param_name(f): f for f in FORM_IDS}  # Gradio parameter name -> form id
+assert len(PARAM_IDS) == len(FORM_IDS), "two form ids share a Gradio parameter name"
+
+
 def _title(name: str) -> str:
     text = name.replace("_", " ")
     return text[0].upper() + text[1:]
@@ -218,7 +227,8 @@ def _queue(ctx, cfg: RunConfig, name: str, est: dict[str, Any]) -> dict[str, Any
     name = name.strip() or f"{name_hint(cfg)}-{time.strftime('%m%d-%H%M%S')}"
     run = ctx.jobs.submit(cfg, name=name)
     pos = ctx.jobs.position(run.id)
-    return {"id": run.id, "name": run.name, "position": pos if pos and ctx.jobs.running() else None, "estimate": est}
+    busy = [i for i in ctx.jobs.running() if i != run.id]  # it may have started between the two reads
+    return {"id": run.id, "name": run.name, "position": pos if pos and busy else None, "estimate": est}
 
 
 def name_hint(cfg: RunConfig) -> str:
@@ -532,6 +542,6 @@ __all__ = [
     "chat_start", "check", "delete_check", "delete_run", "entry_for", "evaluate_run", "evaluation", "export_adapter",
     "export_gguf", "export_merged", "list_runs", "name_hint", "run_detail", "run_evaluation", "run_events",
     "submit_config",
-    "form_defaults", "knob_id", "rename_run", "resume_run", "run_status", "start_run", "stop_run", "upload_dataset",
+    "form_defaults", "knob_id", "param_name", "PARAM_IDS", "rename_run", "resume_run", "run_status", "start_run", "stop_run", "upload_dataset",
     "use_sample",
 ]

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,9 @@ class Run:
         return dict(self.config.get("method_config") or {})
 
 
+_RUN_FIELDS = {f.name for f in fields(Run)}
+
+
 class RunStore:
     """Thread-safe registry. One short-lived connection per call; WAL so readers never block the writer."""
 
@@ -234,7 +237,8 @@ class RunStore:
             except json.JSONDecodeError:
                 value = {}
             d[key] = value if isinstance(value, dict) else {}
-        return Run(**d, dir=self.runs_root / d["id"])
+        # a column this version does not know (a newer studio or CLI migrated the registry) is not read
+        return Run(**{k: v for k, v in d.items() if k in _RUN_FIELDS}, dir=self.runs_root / d["id"])
 
     # ---- update --------------------------------------------------------------------------------------------
 

@@ -396,3 +396,28 @@ def test_no_route_returns_data_without_auth(app, trained, api):
     assert checked > 60
     # the allow-list holds no route this app lacks (a stale entry would hide nothing, but would mislead)
     assert set(PUBLIC) - {p for p, _ in routes} == set(), set(PUBLIC) - {p for p, _ in routes}
+
+
+# ---- Gradio's own endpoints name their parameters ----------------------------------------------------------
+
+
+def test_gradio_endpoints_have_named_parameters(app, api, tiny_model_dir):
+    client = Client(app[2] + "/", auth=USER, verbose=False)
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    unnamed = {e: [p["parameter_name"] for p in info["parameters"] if p["parameter_name"].startswith("param_")]
+               for e, info in endpoints.items()}
+    assert not any(unnamed.values()), unnamed
+    assert not [e for e in endpoints if e.startswith("/lambda")], list(endpoints)  # no anonymous endpoints
+    start = [p["parameter_name"] for p in endpoints["/start_run"]["parameters"]]
+    assert {"name", "method", "model", "train_lr", "train_max_steps", "lora_r", "data_val_fraction"} <= set(start)
+    assert [p["parameter_name"] for p in endpoints["/chat_reply"]["parameters"]] == [
+        "temperature", "top_p", "max_new_tokens", "system", "merged"]
+    # a script calls them by name; every left-out parameter takes the page's default
+    client.predict(name="identity_sample.json", model=tiny_model_dir, max_len_tokens=128, api_name="/use_sample")
+    status, *_ = client.predict(name="by keyword", train_max_steps=2, train_batch_size=4, train_max_len=128,
+                                lora_r=4, api_name="/start_run")
+    assert status.startswith("✓") and "by keyword" in status, status
+    run = next(r for r in api.get("/runs").json() if r["name"] == "by keyword")
+    detail = wait_done(api, run["id"])
+    assert detail["status"] == "completed" and detail["config"]["method_config"]["r"] == 4
+    assert detail["config"]["train"]["max_steps"] == 2

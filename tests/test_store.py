@@ -153,3 +153,13 @@ def test_uploads_are_stored_under_generated_names(tmp_path):
     with pytest.raises(DataError, match="limit"):
         store_upload(uploads, src, "big.json", max_bytes=4)
     assert len(list(uploads.iterdir())) == 3
+
+
+def test_a_registry_migrated_by_a_newer_version_still_reads(store):
+    """A newer studio or CLI may add columns while this one runs: rows still read (the column is ignored)."""
+    import sqlite3
+
+    run = store.create(cfg("kept"))
+    with sqlite3.connect(store.db_path) as db:
+        db.execute("ALTER TABLE runs ADD COLUMN from_the_future TEXT")
+    assert [r.id for r in store.list()] == [run.id] and store.get(run.id).name == "kept"

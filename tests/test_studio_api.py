@@ -269,7 +269,7 @@ def test_wrong_extension_is_refused(client, app, tiny_model_dir, tmp_path):
 def test_bad_hyperparameters_are_rejected_naming_the_field(client, app, tiny_model_dir, overrides, needle):
     load_sample(client, tiny_model_dir)
     before = len(app[0].store.list())
-    status, *_ = call(client, "/start_run", {**TRAIN, **overrides}, run_name="bad")
+    status, *_ = call(client, "/start_run", {**TRAIN, **overrides}, name="bad")
     assert status.startswith("✗") and needle in status, status
     assert len(app[0].store.list()) == before
 
@@ -286,7 +286,7 @@ def test_bad_method_knobs_other_methods(client, tiny_model_dir):
 
 def test_start_needs_a_dataset(app, tiny_model_dir):
     fresh = Client(app[1], verbose=False)  # a new session has no dataset
-    status, *_ = call(fresh, "/start_run", TRAIN, run_name="nodata")
+    status, *_ = call(fresh, "/start_run", TRAIN, name="nodata")
     assert "Data" in status and status.startswith("✗")
 
 

@@ -75,7 +75,7 @@ def create_chat_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         chats = [shown(hist[keys[i]]) if i < len(keys) else gr.skip() for i in range(SLOTS)]
         return "", started["note"], started["job"], *chats, *[""] * SLOTS, hist
 
-    def on_reply(job, hist, temp, p, max_new_v, system_v, merged_v):
+    def on_reply(job, hist, temperature, top_p, max_new_tokens, system, merged):
         """Stream every column's answer, one column after the other."""
         if not job:
             yield *[gr.skip()] * (2 * SLOTS), hist
@@ -83,7 +83,8 @@ def create_chat_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         hist = {k: list(v) for k, v in hist.items()}
         keys = [k for k, _, _ in job["columns"]]
         stats = [""] * SLOTS
-        for piece in actions.chat_reply(ctx, job, hist, temp, p, max_new_v, system_v, merged_v == "merged"):
+        for piece in actions.chat_reply(ctx, job, hist, temperature, top_p, max_new_tokens, system,
+                                           merged == "merged"):
             i = piece["column"]
             out = [gr.skip()] * (2 * SLOTS)
             if piece["done"]:

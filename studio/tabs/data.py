@@ -110,15 +110,15 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
             log.exception("dataset %s could not be loaded", name)
             return refused(f"{esc(name)} could not be loaded: {esc(str(e)[:200])}", current)
 
-    def on_upload(file_path, model, max_len_v, current, mapping):
+    def on_upload(file_path, model, max_len_tokens, current, mapping):
         """Validate an uploaded file; a bad file leaves the current dataset and every run untouched."""
         if not file_path:
             return {}
         name = Path(str(file_path)).name
-        return load(lambda: actions.upload_dataset(ctx, file_path, name, model, max_len_v, mapping), name, current)
+        return load(lambda: actions.upload_dataset(ctx, file_path, name, model, max_len_tokens, mapping), name, current)
 
-    def on_sample(name, model, max_len_v, current, mapping):
-        return load(lambda: actions.use_sample(ctx, name, model, max_len_v, mapping), str(name), current)
+    def on_sample(name, model, max_len_tokens, current, mapping):
+        return load(lambda: actions.use_sample(ctx, name, model, max_len_tokens, mapping), str(name), current)
 
     upload.upload(on_upload, [upload, shared["model"], max_len, dataset, fields], outputs, api_name="upload_dataset")
     use_sample.click(on_sample, [sample, shared["model"], max_len, dataset, fields], outputs, api_name="use_sample")

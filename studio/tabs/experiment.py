@@ -84,12 +84,12 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
         ks = sweeps.knobs_of(m)
         return gr.update(choices=ks, value=ks[0] if ks else None)
 
-    def on_start(data, m, ms, one, k, vals, n_steps, seed_v, exp_name, model):
-        form = {"data.path": data or "", "steps": n_steps, "seed": seed_v, "name": exp_name, "model": model}
-        if m == MODES[1]:
-            form.update(methods=[one] if one else [], knob=f"{k}={vals}" if k else "")
+    def on_start(data, mode, methods, method, knob, values, steps, seed, name, model):  # named for the API
+        form = {"data.path": data or "", "steps": steps, "seed": seed, "name": name, "model": model}
+        if mode == MODES[1]:
+            form.update(methods=[method] if method else [], knob=f"{knob}={values}" if knob else "")
         else:
-            form["methods"] = ms or []
+            form["methods"] = methods or []
         started = sweeps.start_experiment(ctx, form)
         text = (f"Queued **{esc(started['name'])}**: {len(started['runs'])} runs "
                 f"({esc(', '.join(r['label'] for r in started['runs']))}).")

@@ -36,7 +36,7 @@ def create_export_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                 message = gr.Markdown(elem_id="ps-export-message")
             with gr.Column(scale=3):
                 snippet = gr.Code("# choose a run", language="python", label="Load it in Python", interactive=False)
-                tokens = create_tokens_panel(ctx)
+                tokens = create_tokens_panel(ctx, tab)
 
     def on_select(run_id):
         r = safe_get(ctx, run_id)
@@ -55,8 +55,8 @@ def create_export_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         msg = f"Merged model of **{esc(m['name'])}** written to `{esc(m['folder'])}`."
         return [m["archive"]] if m["archive"] else [], msg, m["snippet"]
 
-    def on_gguf(run_id, enc):
-        g = actions.export_gguf(ctx, run_id, enc)
+    def on_gguf(run_id, gguf_encoding):
+        g = actions.export_gguf(ctx, run_id, gguf_encoding)
         msg = f"GGUF ({g['encoding']}) of **{esc(g['name'])}** written ({g['bytes'] / 2**20:.1f} MB)."
         return [g["path"]], msg, g["snippet"]
 

@@ -131,7 +131,7 @@ def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     compare_log.change(on_overlay, [compare, compare_log], overlay, api_visibility="private")
     target.change(lambda i: getattr(safe_get(ctx, i), "name", ""), target, new_name,
                   api_visibility="private")
-    target.change(lambda i: evaluation_view(ctx, i), target, [eval_md, worst], api_name="run_evaluation")
+    target.change(lambda run_id: evaluation_view(ctx, run_id), target, [eval_md, worst], api_name="run_evaluation")
     rename.click(user_error(on_rename), [target, new_name, compare], [message, *lists], api_name="rename_run")
     resume.click(user_error(on_resume), [target, compare], [message, *lists], api_name="resume_run")
     evaluate.click(user_error(on_evaluate), [target, compare], [message, *lists, eval_md, worst],

@@ -23,7 +23,8 @@ def token_rows(ctx) -> list[list[str]]:
              "revoked" if r["revoked"] else "valid"] for r in tokens.listing(ctx.store)]
 
 
-def create_tokens_panel(ctx) -> dict[str, gr.Component]:
+def create_tokens_panel(ctx, tab: gr.Tab) -> dict[str, gr.Component]:
+    """The panel, inside ``tab``; its table is read again whenever the tab is opened."""
     with gr.Accordion("API tokens (for scripts)", open=False, elem_id="ps-tokens"):
         gr.Markdown("Scripts call the HTTP API (`/api/v1`, docs at `/api/v1/docs`) with "
                     "`Authorization: Bearer <token>`. A token is shown once, when it is created; only its hash is "
@@ -33,7 +34,7 @@ def create_tokens_panel(ctx) -> dict[str, gr.Component]:
             create = gr.Button("Create token", elem_id="ps-token-create", scale=1)
         shown = gr.Textbox(label="New token (copy it now)", interactive=False, buttons=["copy"],
                            elem_id="ps-token-new")
-        table = gr.Dataframe(headers=HEADERS, value=lambda: token_rows(ctx), interactive=False,
+        table = gr.Dataframe(headers=HEADERS, value=token_rows(ctx), interactive=False,
                              elem_id="ps-tokens-table")
         with gr.Row():
             which = gr.Textbox(label="Token id to revoke", max_length=16, scale=2)
@@ -48,6 +49,7 @@ def create_tokens_panel(ctx) -> dict[str, gr.Component]:
         revoked = tokens.revoke(ctx.store, token_id)
         return "", token_rows(ctx), f"Revoked token **{esc(token_id.strip())}** ({esc(revoked)})."
 
+    tab.select(lambda: token_rows(ctx), None, table, api_visibility="private")
     create.click(user_error(on_create), name, [shown, table, message], api_name="create_token")
     revoke.click(user_error(on_revoke), which, [shown, table, message], api_name="revoke_token")
     return {"token_name": name, "token_new": shown, "tokens_table": table, "token_revoke": which}

@@ -16,7 +16,8 @@ from core.advisor import GOALS, HARDWARE
 from core.config import TrainConfig
 
 from .. import actions
-from ..actions import BY_KEY, DEFAULT_ENTRY, ENTRIES, TRAIN_ADVANCED, TRAIN_MAIN, detect_hardware
+from ..actions import (BY_KEY, DEFAULT_ENTRY, ENTRIES, PARAM_IDS, TRAIN_ADVANCED, TRAIN_MAIN, detect_hardware,
+                       param_name)
 from ..format import esc, user_error
 from ..knobs import entry_widgets, widget
 
@@ -75,27 +76,29 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         "data.fields": data_w["fields"],
         **train_widgets, **knobs,
     }
-    form_inputs = {*form.values(), dataset}
+    # Handlers take the form as keyword arguments named after the form ids (train.lr -> train_lr), so Gradio's API
+    # (gradio_client's view_api) shows every parameter by name; ``dataset`` is the session's, never sent by clients.
+    form_inputs = {"inputs_kwargs": {**{param_name(fid): comp for fid, comp in form.items()}, "dataset": dataset}}
 
-    def values(data: dict) -> dict[str, Any]:
-        """{form id: value} from Gradio's {component: value}, with the session's dataset as data.path."""
-        out = {fid: data[comp] for fid, comp in form.items()}
-        ds = data[dataset]
+    def values(kw: dict) -> dict[str, Any]:
+        """{form id: value} from the handler's keyword arguments, with the session's dataset as data.path."""
+        out = {PARAM_IDS[k]: v for k, v in kw.items() if k != "dataset"}
+        ds = kw["dataset"]
         out["data.path"] = ds["path"] if ds else ""
         return out
 
-    def on_check(data: dict) -> str:
+    def on_check(**data) -> str:
         try:
-            return actions.check(ctx, values(data), data[dataset])["markdown"]
+            return actions.check(ctx, values(data), data["dataset"])["markdown"]
         except ValueError as e:
             return f"✗ {esc(e)}"
 
-    def on_start(data: dict) -> dict:
+    def on_start(**data) -> dict:
         """Validate everything, then queue the run. Problems come back as one sentence; nothing is started."""
-        if not data[dataset]:
+        if not data["dataset"]:
             return {status: "✗ Load a dataset in the **Data** tab first."}
         try:
-            run = actions.start_run(ctx, values(data), data[dataset])
+            run = actions.start_run(ctx, values(data), data["dataset"])
         except ValueError as e:
             return {status: f"✗ {esc(e)}"}
         est = run["estimate"]
@@ -114,8 +117,8 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         return {**{col: gr.update(visible=k == key) for k, col in columns.items()}, blurb: entry.blurb,
                 train_widgets["train.lr"]: entry.lr}
 
-    def on_advise(n, hw, gl):
-        a = actions.advise(int(n or 0), hw, gl)
+    def on_advise(rows, hardware, goal):  # named like their widgets, for the API
+        a = actions.advise(int(rows or 0), hardware, goal)
         text = f"**Recommended: {esc(a['label'])}**\n\n" + "\n".join(f"- {esc(r)}" for r in a["reasons"])
         if a["alternatives"]:
             text += "\n\nAlso worth a try: " + ", ".join(esc(x) for x in a["alternatives"])
@@ -131,16 +134,16 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         return out
 
     dataset.change(lambda d: d["valid_rows"] if d else gr.skip(), dataset, rows, api_visibility="private")
-    check.click(user_error(on_check), form_inputs, estimate, api_name="check_config")
-    start.click(user_error(on_start), form_inputs, [status, shared["monitor_run"], shared["tabs"], estimate],
-                api_name="start_run")
+    check.click(user_error(on_check), None, estimate, api_name="check_config", **form_inputs)
+    start.click(user_error(on_start), None, [status, shared["monitor_run"], shared["tabs"], estimate],
+                api_name="start_run", **form_inputs)
     stop.click(user_error(on_stop), [shared["monitor_run"]], status, api_name="stop_run")
     entry_outputs = [*columns.values(), blurb, train_widgets["train.lr"]]
     method.input(shown, method, entry_outputs, api_visibility="private").then(
-        on_check, form_inputs, estimate, api_visibility="private")
+        on_check, None, estimate, api_visibility="private", **form_inputs)
     advise.click(user_error(on_advise), [rows, hardware, goal], [advice_md, apply, advice_state], api_name="advise")
     apply_outputs = [method, *columns.values(), blurb, *train_widgets.values(), *knobs.values()]
     apply.click(user_error(on_apply), advice_state, apply_outputs, api_name="apply_advice").then(
-        on_check, form_inputs, estimate, api_visibility="private")
+        on_check, None, estimate, api_visibility="private", **form_inputs)
     return {"name": name, "method": method, "estimate": estimate, "start": start, "stop": stop, "status": status,
             "rows": rows, "check": check, "apply": apply, "form": form, **train_widgets}
