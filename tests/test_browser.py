@@ -31,7 +31,7 @@ def studio(tmp_path_factory):
     pytest.importorskip("playwright")
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (make test installs it)")
-    from test_studio_api import start_app
+    from test_studio_api import start_app, stop_app
 
     model = BROWSER_MODEL
     if not model:
@@ -46,10 +46,7 @@ def studio(tmp_path_factory):
         model = str(folder)
     ctx, demo, url = start_app(tmp_path_factory.mktemp("studio-data"), model)
     yield ctx, url, model
-    demo.close()
-    for run in ctx.store.list(status=("running", "queued")):
-        ctx.jobs.stop(run.id)
-    ctx.close()
+    stop_app(ctx, demo)
 
 
 @pytest.fixture(scope="module")

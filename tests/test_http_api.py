@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from studio import tokens
 from studio.api import PREFIX
 from studio.security import LoginThrottle
-from test_studio_api import start_app
+from test_studio_api import start_app, stop_app
 
 from conftest import tiny_model_dir  # noqa: F401
 
@@ -35,10 +35,7 @@ RUN = {"name": "api quill", "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-
 def app(tmp_path_factory, tiny_model_dir):
     ctx, demo, url = start_app(tmp_path_factory.mktemp("api-data"), tiny_model_dir, auth=USER)
     yield ctx, demo, url.rstrip("/")
-    demo.close()
-    for run in ctx.store.list(status=("running", "queued")):
-        ctx.jobs.stop(run.id)
-    ctx.close()
+    stop_app(ctx, demo)
 
 
 @pytest.fixture(scope="module")

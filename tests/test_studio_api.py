@@ -45,14 +45,19 @@ def start_app(data_dir, model, auth=None, throttle=None):
     return ctx, demo, f"http://127.0.0.1:{port}/"
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_model_dir):
-    ctx, demo, url = start_app(tmp_path_factory.mktemp("studio-data"), tiny_model_dir)
-    yield ctx, url
+def stop_app(ctx, demo) -> None:
+    """Undo start_app: close the server, ask any run still queued or running to stop, close the context."""
     demo.close()
     for run in ctx.store.list(status=("running", "queued")):
         ctx.jobs.stop(run.id)
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    ctx, demo, url = start_app(tmp_path_factory.mktemp("studio-data"), tiny_model_dir)
+    yield ctx, url
+    stop_app(ctx, demo)
 
 
 @pytest.fixture
