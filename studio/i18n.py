@@ -21,13 +21,21 @@ Two ways to show a key:
                                      fill the {name} placeholders (str.format) of both languages' texts.
 
 The language is the ``ps_lang`` cookie ("en" or "zh") the header switch writes (LANG_SWITCH_JS, kept a year);
-without it, the browser's own language (Accept-Language on the server, navigator.language in the page).
+without it, the browser's own language (Accept-Language on the server, navigator.language in the page). The
+middleware PageLanguage makes the page start in the cookie's language.
 Outside a request (CLI, scripts, tests of actions) t() answers in English.
 
 To add a string: put the key in both JSON files, use it as a literal in T("...") or t("...") (tests/test_i18n.py
 finds keys by their literals and fails on a key missing in either language, on an unused key, and on a label or
-Markdown given to a component as plain text), and run ``pytest tests/test_i18n.py``. Core's English error
-sentences are translated at the studio's edge by studio/messages.py (pattern -> key).
+Markdown given to a component as plain text), and run ``pytest tests/test_i18n.py``. A new tab, for example:
+
+    en.json  "tab.experiment": "Experiment",   "experiment.start": "Start {n} runs"
+    zh.json  "tab.experiment": "实验",          "experiment.start": "开始 {n} 个运行"
+    with gr.Tab(T("tab.experiment"), id="experiment"): ...
+    def on_start(...): return t("experiment.start", n=len(runs))
+
+Core's English error sentences are translated at the studio's edge by studio/messages.py: an ``err.`` key whose
+English text is the sentence's pattern; ``user_error`` handlers get this for free.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from typing import Any
 import gradio as gr
 from gradio.context import LocalContext
 from gradio.i18n import I18nData
+
+from .security import HtmlPageRewriter
 
 LOCALES_DIR = Path(__file__).resolve().parent / "locales"
 LANGS = ("en", "zh")
@@ -165,26 +175,27 @@ def choice(prefix: str, value: object) -> str:
 DYNAMIC = ("status", "format", "field")
 
 
-#: Runs once the page has loaded: applies the switch's choice (the cookie) to the page's locale. The locale store
-#: belongs to Gradio's core module, which the page has already loaded; importing its URL again returns the same
-#: module, whose changeLocale is public.
-APPLY_LANG_JS = """
-async () => {
-  const m = document.cookie.match(/(?:^|; )ps_lang=(en|zh)/);
-  if (!m) return;
-  const want = %s[m[1]];
-  if (document.documentElement.lang === want) return;
-  const url = performance.getEntriesByType('resource').map(e => e.name)
-    .find(n => /\\/assets\\/core-[^/]*\\.js$/.test(n));
-  if (url) (await import(url)).changeLocale(want);
-}
-""" % json.dumps(PAGE_LOCALE)
+#: Put first in every page's <head> (PageLanguage): before Gradio's module scripts run, the switch's choice (the
+#: cookie) replaces the browser's language, so the page is built in it from the start. Without the cookie the
+#: browser's own language stays.
+PAGE_LANG_SCRIPT = ("<script>(function(){var m=document.cookie.match(/(?:^|; )%s=(en|zh)/);if(!m)return;"
+                    "var l=%s[m[1]];try{Object.defineProperty(Navigator.prototype,'language',{get:function(){return l},"
+                    "configurable:true});Object.defineProperty(Navigator.prototype,'languages',{get:function(){"
+                    "return [l]},configurable:true})}catch(e){}})();</script>") % (COOKIE, json.dumps(PAGE_LOCALE))
+
+
+class PageLanguage(HtmlPageRewriter):
+    """Middleware: PAGE_LANG_SCRIPT at the top of every HTML page."""
+
+    def rewrite(self, data: bytes) -> bytes:
+        return data.replace(b"<head>", b"<head>" + PAGE_LANG_SCRIPT.encode(), 1)
+
 
 #: The header's switch: the other language, remembered in a cookie for a year; the page reloads in it.
 LANG_SWITCH_JS = """
 () => {
   const next = document.documentElement.lang.startsWith('zh') ? 'en' : 'zh';
-  document.cookie = 'ps_lang=' + next + '; path=/; max-age=31536000; SameSite=Lax';
+  document.cookie = '%s=' + next + '; path=/; max-age=31536000; SameSite=Lax';
   location.reload();
 }
-"""
+""" % COOKIE

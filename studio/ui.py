@@ -17,7 +17,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from .context import StudioContext
-from .i18n import APPLY_LANG_JS, LANG_SWITCH_JS, T, i18n
+from .i18n import LANG_SWITCH_JS, PageLanguage, T, i18n
 from .security import HideApiInfoWhenLoggedOut, LoginThrottle, ThrottleLogins
 from .tabs.chat import create_chat_tab
 from .tabs.common import default_run, run_choices
@@ -72,7 +72,6 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
         for fn, outputs in shared["on_load"]:
             demo.load(fn, None, outputs, api_visibility="private")
         switch.click(None, js=LANG_SWITCH_JS)
-        demo.load(None, js=APPLY_LANG_JS)
         # A (re)loaded page re-attaches to the running job: the Monitor shows it at once.
         demo.load(lambda: gr.update(choices=run_choices(ctx), value=default_run(ctx)), None,
                   shared["monitor_tab"]["run"], api_visibility="private")
@@ -84,7 +83,10 @@ def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
                    throttle: LoginThrottle | None = None) -> dict[str, Any]:
     """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests). With auth, failed
     sign-ins are throttled per address (``throttle``, default LoginThrottle())."""
-    middleware = [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins, throttle=throttle or LoginThrottle())]
+    middleware = [Middleware(PageLanguage)]
+    if auth:
+        middleware += [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins,
+                                                                       throttle=throttle or LoginThrottle())]
     return {
         "theme": theme(),
         "i18n": i18n(),
@@ -95,5 +97,5 @@ def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
         "allowed_paths": [str(ctx.exports_dir)],
         "show_error": False,
         "favicon_path": str(LOGO_PATH) if LOGO_PATH.exists() else None,
-        "app_kwargs": {"middleware": middleware} if auth else None,
+        "app_kwargs": {"middleware": middleware},
     }
