@@ -7,6 +7,8 @@
     python -m core generate --run runs/demo --prompt "Who are you?" [--temperature 0] [--system "..."] [--base]
     python -m core export --run runs/demo --out exported/ [--merge] [--gguf f16|q8_0]
     python -m core eval --run runs/demo [--data held_out.json] [--json]   # held-out loss and task metrics
+    python -m core sweep --data assets/qa_sample.jsonl --methods lora,bitfit,adapter --steps 20 --out sweeps/qa
+    python -m core sweep --data assets/qa_sample.jsonl --methods lora --knob r=4,8,16 --steps 20 --out sweeps/r
     python -m core inspect --data assets/identity_sample.json [--quick]
     python -m core fetch-default
 
@@ -326,6 +328,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .advisor import GOALS
+    from .models import hardware_class
+    from .sweep import SWEEP_FILE, parse_knob, parse_methods, plan_sweep, run_sweep, summarize_folder
+
+    methods = parse_methods(args.methods)
+    knob = None
+    if args.knob is not None:
+        if len(methods) != 1:
+            raise CliError(f"--knob varies one method; --methods names {len(methods)} ({', '.join(methods)})")
+        knob = parse_knob(args.knob, methods[0])
+    if args.steps < 1:
+        raise CliError(f"--steps {args.steps}: give the number of optimiser steps every run takes (>= 1)")
+    if args.goal not in GOALS:
+        raise CliError(f"--goal {args.goal!r}: choose one of {', '.join(GOALS)}")
+    out = Path(args.out)
+    if (out / SWEEP_FILE).exists():
+        raise CliError(f"--out {out} already holds a sweep; choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; choose a new folder")
+    from .data.sources import is_hub_id
+
+    if not Path(args.data).exists() and not is_hub_id(args.data):
+        raise CliError(f"--data {args.data}: no such file")
+    d = RunConfig().to_dict()
+    d["model"] = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    d["data"]["path"] = _data_path(args.data)
+    d["train"].update(max_steps=args.steps, seed=args.seed, batch_size=args.batch_size, max_len=args.max_len,
+                      device=args.device, eval_max_rows=args.eval_max_rows)
+    if args.val_fraction is not None:
+        d["data"]["val_fraction"] = args.val_fraction
+    if args.lr is not None:
+        d["train"]["lr"] = args.lr
+    runs = plan_sweep(RunConfig.from_dict(d), methods, knob, lr_fixed=args.lr is not None)
+    from .preflight import preflight
+
+    _quiet_transformers()
+    for r in runs:
+        preflight(r.config)  # a setting that does not fit the model fails before the first run starts
+    print(f"sweep: {len(runs)} runs of {args.steps} steps each into {out}", file=sys.stderr)
+
+    def progress(r, rc: int) -> None:
+        print(f"  {r.name}: {'done' if rc == 0 else f'failed (exit {rc}, see {out / r.name})'}", file=sys.stderr)
+
+    run_sweep(runs, out, knob, args.goal, on_run=progress)
+    res = summarize_folder(out, hardware_class())
+    from .sweep_report import HEADERS, cell
+
+    shown = ("run", "task_metric", "task_score", "eval_loss", "trainable", "trainable_pct", "train_s",
+             "tokens_per_s", "peak_mem_mb", "adapter_mb", "can_merge")
+    table = [[HEADERS[c] for c in shown]] + [[cell(r[c]) for c in shown] for r in res.rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(shown))]
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    print(res.verdict["text"])
+    print(f"wrote {out / 'results.csv'} and {out / 'report.html'}", file=sys.stderr)
+    return 0 if any(r["status"] == "completed" for r in res.rows) else 1
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data.sources import is_hub_id
 
@@ -430,6 +491,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     v.add_argument("--json", action="store_true", help="print the eval event as JSON")
     v.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("sweep", help="train several methods (or one knob's values) on one dataset and compare them",
+                       description="Every run gets the same data, split, seed and number of optimiser steps; each "
+                       "method its own suggested learning rate unless --lr. Runs go one at a time into DIR/<run>/; "
+                       "then DIR/results.csv and DIR/report.html (self-contained) hold the leaderboard.")
+    w.add_argument("--data", required=True, help=DataConfig.help()["path"])
+    w.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(specs())}")
+    w.add_argument("--knob", help="NAME=V1,V2,... of the one method in --methods, e.g. r=4,8,16")
+    w.add_argument("--steps", required=True, type=int, help="optimiser steps every run takes")
+    w.add_argument("--out", required=True, help="the sweep folder (new)")
+    w.add_argument("--model", default="default", help="base model: 'default', an HF id or a folder")
+    w.add_argument("--seed", type=int, default=42, help="seed of every run (default 42)")
+    w.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="examples per step (default 8)")
+    w.add_argument("--max-len", dest="max_len", type=int, default=512, help="tokens per example (default 512)")
+    w.add_argument("--val-fraction", dest="val_fraction", type=float, help="held-out share (default 0.1)")
+    w.add_argument("--eval-max-rows", dest="eval_max_rows", type=int, default=200,
+                   help="held-out rows answered by generation at the end of each run (default 200)")
+    w.add_argument("--lr", type=float, help="one learning rate for every run (default: each method's own)")
+    w.add_argument("--goal", default="quality", help="the advisor's goal to compare with (default quality)")
+    w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    w.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("inspect", help="detect a dataset's format, validate it, show token lengths")
     i.add_argument("--data", required=True, help=DataConfig.help()["path"])

@@ -19,8 +19,9 @@ Training checkpoints (``<run>/checkpoints/step-N/``, written by core.train, the 
                                 prompt encoder)
     optimizer.pt                ``optimizer.state_dict()`` (tensors, numbers and strings only)
     rng.pt                      torch (CPU and CUDA) and Python RNG states
-    trainer_state.json          {"step", "micro_batches", "elapsed_s"}: optimiser steps done, micro-batches consumed
-                                (the data position: epoch = micro_batches // batches per epoch), time spent
+    trainer_state.json          {"step", "micro_batches", "elapsed_s", "supervised_tokens"}: optimiser steps done,
+                                micro-batches consumed (the data position: epoch = micro_batches // batches per
+                                epoch), time spent, supervised tokens trained on
 
 The ``.pt`` files are written with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
 The learning-rate schedule is a pure function of the step (core.schedules), so the step is its whole state.

@@ -27,8 +27,20 @@ def knob(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+class FieldError(ValueError):
+    """A bad config value. ``field`` is its path in RunConfig's dict shape once RunConfig.from_dict has seen it
+    (``train.lr``, ``data.split``, ``method_config.r``), else the bare field name; the message names it too."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+    def within(self, section: str) -> FieldError:
+        return FieldError(str(self), f"{section}.{self.field}")
+
+
 def _fail(cls_name: str, name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{cls_name}.{name} = {value!r} is invalid: {allowed}")
+    raise FieldError(f"{cls_name}.{name} = {value!r} is invalid: {allowed}", name)
 
 
 class Validated:
@@ -67,7 +79,8 @@ class Validated:
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise FieldError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}", unknown[0])
         hints = get_type_hints(cls)
         for name, value in list(data.items()):
             data[name] = _coerce(cls.__name__, name, hints[name], value)
@@ -248,14 +261,23 @@ class RunConfig:
         d = dict(d or {})
         unknown = sorted(set(d) - {"name", "model", "method", "method_config", "train", "data"})
         if unknown:
-            raise ValueError(f"RunConfig: unknown field(s) {', '.join(unknown)}")
-        return cls(
-            name=str(d.get("name") or ""),
-            model=str(d.get("model") or DEFAULT_MODEL),
-            method=method_config(d.get("method", "lora"), d.get("method_config")),
-            train=TrainConfig.from_dict(d.get("train")),
-            data=DataConfig.from_dict(d.get("data")),
-        )
+            raise FieldError(f"RunConfig: unknown field(s) {', '.join(unknown)}", unknown[0])
+        from .methods.registry import spec  # the registry imports this module
+
+        name = d.get("method", "lora")
+        cls_ = spec(name).config_cls  # FieldError "method" when unknown
+        built = {}
+        for section, build in (("method_config", cls_.from_dict), ("train", TrainConfig.from_dict),
+                               ("data", DataConfig.from_dict)):
+            value = d.get(section)
+            if value is not None and not isinstance(value, dict):
+                raise FieldError(f"RunConfig.{section} must be a mapping, not {type(value).__name__}", section)
+            try:
+                built[section] = build(value)
+            except FieldError as e:
+                raise e.within(section) from None
+        return cls(name=str(d.get("name") or ""), model=str(d.get("model") or DEFAULT_MODEL),
+                   method=built["method_config"], train=built["train"], data=built["data"])
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -22,6 +22,9 @@ Field meanings:
     grad_norm     L2 norm of the gradient (before clipping) per block, labelled by core.blocks.depth_label
                   ("embed", "block 0" .. "head", "prompt"), plus "total"
     tokens_per_s  supervised tokens per second since the previous step event
+    supervised_tokens  supervised tokens trained on so far (all sessions of the run)
+    peak_mem_mb   the worker's peak memory so far in MiB (core.models.peak_memory_bytes: CUDA allocations on a
+                  GPU, the process's peak resident set on CPU)
     eta_s         seconds left, extrapolated from this session's steps
 
 ``<run>/status.json`` (``Status``) is rewritten atomically at every event. A worker killed outright (SIGKILL,
@@ -84,6 +87,8 @@ class StepEvent(TypedDict):
     elapsed_s: float
     eta_s: float
     total_steps: int
+    supervised_tokens: int
+    peak_mem_mb: float
 
 
 class _EvalBase(TypedDict):

@@ -42,6 +42,19 @@ def gpu_count() -> int:
 LARGE_GPU_BYTES = 24 * 2**30  # core.advisor: full fine-tuning is advised above this much GPU memory
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this process has held so far: on CUDA the peak of allocated tensor memory on ``device``
+    (``torch.cuda.max_memory_allocated``), elsewhere the process's peak resident set size (weights, activations,
+    optimiser state and the Python runtime together)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
 def hardware_class() -> str:
     """The machine as core.advisor.HARDWARE names it: "cpu", "small_gpu" (one GPU up to 24 GiB) or "large_gpu"
     (a GPU with more, or several GPUs)."""

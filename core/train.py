@@ -96,7 +96,10 @@ from .events import (
 from .forward import piece_budget, pieces, supervised_loss
 from .methods import Method, build_method, spec
 from .methods.base import RunPlan
-from .models import autocast, base_dtype, hold_weights_in, load_model, load_tokenizer, resolve_device, resolve_precision
+from .models import (
+    autocast, base_dtype, hold_weights_in, load_model, load_tokenizer, peak_memory_bytes, resolve_device,
+    resolve_precision,
+)
 from .preflight import preflight
 from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_groups
 
@@ -191,6 +194,7 @@ class Progress:
     elapsed_before: float = 0.0  # seconds the sessions before this one trained
     bad: Tensor | None = None  # 0-d bool on the device: a non-finite loss or gradient so far (read without sync)
     tokens_since_log: int = 0
+    tokens_total: int = 0  # supervised tokens trained on, all sessions together
     t_start: float = 0.0
     t_last: float = 0.0
 
@@ -203,7 +207,8 @@ class Progress:
 
     def trainer_state(self) -> dict[str, Any]:
         """What a checkpoint records of the loop (core.checkpoint's trainer_state.json)."""
-        return {"step": self.step, "micro_batches": self.consumed, "elapsed_s": round(self.elapsed(), 3)}
+        return {"step": self.step, "micro_batches": self.consumed, "elapsed_s": round(self.elapsed(), 3),
+                "supervised_tokens": self.tokens_total}
 
 
 @dataclass
@@ -361,6 +366,7 @@ def _restore(session: Session, resume: bool, ckpt: Path | None, model: nn.Module
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
         p.start_step, p.consumed = int(state["step"]), int(state["micro_batches"])
         p.elapsed_before = float(state.get("elapsed_s", 0.0))
+        p.tokens_total = int(state.get("supervised_tokens", 0))
         files.log(f"resume: continuing from {ckpt.name}")
     p.step = p.start_step
     p.bad = torch.zeros((), dtype=torch.bool, device=session.device)
@@ -432,6 +438,7 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
             (part * scale).backward()
         loss_sum += part.detach().float()
     p.tokens_since_log += n_tokens
+    p.tokens_total += n_tokens
     norms = _grad_norms(run.grad_labels) if log_now else None  # before clipping
     clip = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf  # inf: only measure the norm
     params = [t for g in run.optimizer.param_groups for t in g["params"]]
@@ -478,7 +485,8 @@ def _step_event(run: RunState, metrics: tuple[float, dict[str, float]]) -> StepE
         "tokens_per_s": round(p.tokens_since_log / max(now - p.t_last, 1e-9), 1),
         "elapsed_s": round(p.elapsed_before + now - p.t_start, 3),
         "eta_s": round((now - p.t_start) / (p.step - p.start_step) * (p.total_steps - p.step), 1),
-        "total_steps": p.total_steps,
+        "total_steps": p.total_steps, "supervised_tokens": p.tokens_total,
+        "peak_mem_mb": round(peak_memory_bytes(run.session.device) / 2**20, 1),
     }
     run.files.event(event)
     run.files.status("running", p.step, p.total_steps, "")

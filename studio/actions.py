@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from core.advisor import recommend
-from core.config import DataConfig, RunConfig, TrainConfig
+from core.config import DataConfig, FieldError, RunConfig, TrainConfig
 from core.data import TOKENISED, DataError
 from core.evaluate import read_examples
 from core.generate import GenerationSettings
@@ -38,7 +38,7 @@ from core.preflight import preflight
 
 from .chat import MAX_PROMPT_CHARS, Column
 from .datasets import inspect, store_upload
-from .export import adapter_zip, can_merge, loading_snippet, merged_model
+from .export import adapter_zip, can_merge, gguf_file, gguf_snippet, loading_snippet, merged_model
 from .metrics import of_type, summarize
 from .i18n import t
 from .messages import localize
@@ -202,14 +202,30 @@ def detect_hardware() -> str:
     return hardware_class()
 
 
-def check(ctx, form: dict[str, Any], dataset: dict | None = None) -> dict[str, Any]:
-    """Trainable / total parameters and the peak-memory estimate of the form's run (no dataset needed; with the
-    inspected dataset its real longest example bounds the sequence length)."""
-    cfg = config_of(ctx, form)
+def _estimate(ctx, cfg: RunConfig, dataset: dict | None) -> dict[str, Any]:
     seq = min(int(dataset["stats"]["max"]), cfg.train.max_len) if dataset and dataset.get("stats") else None
     est = ctx.estimator.estimate(cfg.model, cfg.method, cfg.train, seq, _device(cfg.train.device, detect_hardware()))
     return {"trainable": est.trainable, "total": est.total, "percent": est.percent, "peak_bytes": est.peak_bytes,
             "note": t(est.note) if est.note else "", "markdown": est.markdown()}
+
+
+def check(ctx, form: dict[str, Any], dataset: dict | None = None) -> dict[str, Any]:
+    """Trainable / total parameters and the peak-memory estimate of the form's run (no dataset needed; with the
+    inspected dataset its real longest example bounds the sequence length)."""
+    return _estimate(ctx, config_of(ctx, form), dataset)
+
+
+def _queue(ctx, cfg: RunConfig, name: str, est: dict[str, Any]) -> dict[str, Any]:
+    preflight(cfg)  # the engine's own check of the config against the model, before anything is queued
+    name = name.strip() or f"{name_hint(cfg)}-{time.strftime('%m%d-%H%M%S')}"
+    run = ctx.jobs.submit(cfg, name=name)
+    pos = ctx.jobs.position(run.id)
+    return {"id": run.id, "name": run.name, "position": pos if pos and ctx.jobs.running() else None, "estimate": est}
+
+
+def name_hint(cfg: RunConfig) -> str:
+    """The menu entry of a config (llrd, lora, ...): the start of a run's default name."""
+    return entry_for(cfg.method_name, cfg.method.to_dict(), cfg.train.to_dict())
 
 
 def start_run(ctx, form: dict[str, Any], dataset: dict | None = None) -> dict[str, Any]:
@@ -218,14 +234,29 @@ def start_run(ctx, form: dict[str, Any], dataset: dict | None = None) -> dict[st
     one, optional) only sharpens the memory estimate, as in ``check``."""
     form = dict(form)
     form["data.path"] = _dataset_path(ctx, str(form.get("data.path") or ""))
-    est = check(ctx, form, dataset)
     cfg = config_of(ctx, form)
-    preflight(cfg)  # the engine's own check of the config against the model, before anything is queued
-    name = str(form.get("name") or "").strip()
-    name = name or f"{form.get('method') or DEFAULT_ENTRY}-{time.strftime('%m%d-%H%M%S')}"
-    run = ctx.jobs.submit(cfg, name=name)
-    pos = ctx.jobs.position(run.id)
-    return {"id": run.id, "name": run.name, "position": pos if pos and ctx.jobs.running() else None, "estimate": est}
+    return _queue(ctx, cfg, str(form.get("name") or ""), _estimate(ctx, cfg, dataset))
+
+
+def submit_config(ctx, data: dict[str, Any]) -> dict[str, Any]:
+    """Queue a run from a RunConfig in its dict shape (config.yaml's: name, model, method, method_config, train,
+    data), as the HTTP API receives it. ``data.path`` is a bundled sample's file name (identity_sample.json) or
+    an uploaded dataset; a missing model is the studio's default. Answers like start_run; a bad value raises
+    core.config.FieldError, whose ``field`` is its path (train.lr)."""
+    if not isinstance(data, dict):
+        raise FieldError(f"the run config must be a JSON object, not {type(data).__name__}", "")
+    data = {**data, "model": data.get("model") or ctx.default_model}
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    path = str(section.get("path") or "")
+    sample = ctx.samples().get(path)
+    try:
+        path = _dataset_path(ctx, str(sample or path))
+    except ValueError as e:
+        raise FieldError(str(e) if path else f"data.path: name a bundled sample ({', '.join(ctx.samples())}) "
+                         "or an uploaded dataset", "data.path") from None
+    data["data"] = {**section, "path": path, "max_bytes": ctx.max_upload_bytes}
+    cfg = RunConfig.from_dict(data)
+    return _queue(ctx, cfg, cfg.name, _estimate(ctx, cfg, None))
 
 
 def stop_run(ctx, run_id: str | None = None) -> str:
@@ -325,6 +356,27 @@ def run_status(ctx, run_id: str) -> dict[str, Any]:
             "step": s.get("steps"), "total_steps": s.get("total_steps"), "loss": s.get("final_loss"),
             "eval_loss": s.get("final_eval_loss"), "position": ctx.jobs.position(run.id),
             "events": len(of_type(events, "step"))}
+
+
+def list_runs(ctx) -> list[dict[str, Any]]:
+    """run_status of every run, newest first."""
+    return [run_status(ctx, r.id) for r in ctx.store.list()]
+
+
+def run_detail(ctx, run_id: str) -> dict[str, Any]:
+    """run_status plus the run's facts and core's summary of its metrics (``summary``); KeyError when unknown."""
+    run = _get(ctx, run_id)
+    return {**run_status(ctx, run.id), "method": run.method, "model": run.model, "created": run.created,
+            "started": run.started, "finished": run.finished, "duration_s": run.duration_s,
+            "has_adapter": run.has_adapter, "eval_metrics": dict(run.eval_metrics), "config": dict(run.config),
+            "summary": summarize(ctx.metrics.events(run.dir))}
+
+
+def run_events(ctx, run_id: str, event_type: str | None = None, since_step: int = 0) -> list[dict[str, Any]]:
+    """The run's metric events (core.events' schema), optionally of one type and after a step."""
+    run = _get(ctx, run_id)
+    events = of_type(ctx.metrics.events(run.dir), event_type) if event_type else ctx.metrics.events(run.dir)
+    return [e for e in events if not since_step or (e.get("step") or 0) > since_step]
 
 
 def resume_run(ctx, run_id: str) -> dict[str, Any]:
@@ -469,10 +521,20 @@ def export_merged(ctx, run_id: str) -> dict[str, Any]:
             "snippet": loading_snippet(run, folder), "name": run.name, "can_merge": can_merge(run)}
 
 
+def export_gguf(ctx, run_id: str, encoding: str = "f16") -> dict[str, Any]:
+    """Merge a run into its base model and write it as one GGUF file (f16 or q8_0; Llama family and Qwen2):
+    {"path", "bytes", "name", "encoding", "snippet"}."""
+    run = _get(ctx, run_id)
+    path = gguf_file(ctx.exports_dir, run, encoding)
+    return {"path": str(path), "bytes": path.stat().st_size, "name": run.name, "encoding": encoding,
+            "snippet": gguf_snippet(path)}
+
+
 __all__ = [
     "BY_KEY", "ENTRIES", "Entry", "FORM_IDS", "advise", "apply_advice", "build_config", "chat", "chat_reply",
     "chat_start", "check", "delete_check", "delete_run", "entry_for", "evaluate_run", "evaluation", "export_adapter",
-    "export_merged", "run_evaluation",
+    "export_gguf", "export_merged", "list_runs", "name_hint", "run_detail", "run_evaluation", "run_events",
+    "submit_config",
     "form_defaults", "knob_id", "rename_run", "resume_run", "run_status", "start_run", "stop_run", "upload_dataset",
     "use_sample",
 ]

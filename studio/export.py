@@ -2,6 +2,9 @@
 
     adapter zip     the run's adapter folder (PEFT format where PEFT has the method) as <slug>-adapter.zip
     merged model    for methods that can merge: a plain Hugging Face model folder, plus its zip
+    GGUF            the merged model as one <slug>-<f16|q8_0>.gguf file (Llama family and Qwen2; core.gguf_export)
+
+Each carries core.model_card's README.md (the zip and the merged folder; a GGUF file holds weights only).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 from core.checkpoint import SIDECAR, export_merged, load_adapter, read_sidecar
 from core.methods import spec
+from core.model_card import model_card, write_model_card
 
 from .i18n import t
 from .paths import inside
@@ -29,12 +33,15 @@ def can_merge(run: Run) -> bool:
         return False
 
 
-def _zip_folder(folder: Path, dest: Path, arc_root: str) -> Path:
+def _zip_folder(folder: Path, dest: Path, arc_root: str, extra: dict[str, str] | None = None) -> Path:
+    """Zip ``folder`` under ``arc_root``/, plus ``extra`` {file name: text} written beside its files."""
     tmp = dest.with_name(dest.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         for f in sorted(folder.rglob("*")):
-            if f.is_file() and not f.is_symlink():
+            if f.is_file() and not f.is_symlink() and str(f.relative_to(folder)) not in (extra or {}):
                 z.write(f, f"{arc_root}/{f.relative_to(folder)}")
+        for name, text in (extra or {}).items():
+            z.writestr(f"{arc_root}/{name}", text)
     tmp.replace(dest)
     return dest
 
@@ -46,7 +53,8 @@ def adapter_zip(exports_dir: Path, run: Run) -> Path:
     read_sidecar(run.adapter_dir)  # complete and readable, or a sentence saying what is missing
     out = inside(exports_dir, run.id)
     out.mkdir(parents=True, exist_ok=True)
-    return _zip_folder(run.adapter_dir, out / f"{slug(run.name)}-adapter.zip", f"{slug(run.name)}-adapter")
+    return _zip_folder(run.adapter_dir, out / f"{slug(run.name)}-adapter.zip", f"{slug(run.name)}-adapter",
+                       {"README.md": model_card(run.adapter_dir, merged=False)})
 
 
 def merged_model(exports_dir: Path, run: Run, zip_it: bool = True) -> tuple[Path, Path | None]:
@@ -61,8 +69,25 @@ def merged_model(exports_dir: Path, run: Run, zip_it: bool = True) -> tuple[Path
     out = inside(exports_dir, run.id)
     out.mkdir(parents=True, exist_ok=True)
     folder = export_merged(model, method, tokenizer, out / "merged-model")
+    write_model_card(folder, run.adapter_dir, merged=True)
     archive = _zip_folder(folder, out / f"{slug(run.name)}-merged.zip", f"{slug(run.name)}-merged") if zip_it else None
     return folder, archive
+
+
+def gguf_file(exports_dir: Path, run: Run, encoding: str) -> Path:
+    """The run merged into its base model, written as one GGUF file (f16 or q8_0) beside the merged folder."""
+    from core.gguf_export import export_gguf
+
+    folder, _ = merged_model(exports_dir, run, zip_it=False)
+    return export_gguf(folder, folder.parent / f"{slug(run.name)}-{encoding}.gguf", encoding)  # type: ignore[arg-type]
+
+
+def gguf_snippet(path: Path) -> str:
+    """How to run or load a GGUF export."""
+    return (f"# llama.cpp: llama-cli -m {path.name}    Ollama: a Modelfile with the line FROM ./{path.name}\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{path.parent}", gguf_file="{path.name}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{path.parent}", gguf_file="{path.name}")\n')
 
 
 def loading_snippet(run: Run, merged_folder: Path | None = None) -> str:

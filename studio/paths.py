@@ -12,6 +12,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+DEFAULT_DATA_DIR = "studio_data"  # app.py's --data-dir and python -m studio's
 RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 MAX_NAME = 80
 

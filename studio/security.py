@@ -36,7 +36,9 @@ class HtmlPageRewriter:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if scope["type"] != "http" or scope.get("method") != "GET" or "/gradio_api/" in path or "." in path.rsplit("/", 1)[-1]:
+        # every GET page, /gradio_api/ ones too (gradio 6 renders the app page at /gradio_api/runs); only HTML
+        # responses are buffered, so streams and files pass through untouched
+        if scope["type"] != "http" or scope.get("method") != "GET" or "." in path.rsplit("/", 1)[-1]:
             await self.app(scope, receive, send)
             return
         start: dict | None = None

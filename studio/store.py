@@ -36,7 +36,7 @@ _COLUMNS = {
     "name": str, "model": str, "method": str, "status": str, "reason": str, "pid": int, "device": str,
     "created": float, "started": float, "finished": float, "trainable": int, "total_params": int,
     "final_loss": float, "final_eval_loss": float, "steps": int, "total_steps": int, "resume": int, "queued_at": float,
-    "eval_metrics": dict,
+    "eval_metrics": dict, "sweep": str,
 }
 
 _SCHEMA = """
@@ -61,11 +61,35 @@ CREATE TABLE IF NOT EXISTS runs (
     resume INTEGER NOT NULL DEFAULT 0,
     queued_at REAL,
     config TEXT NOT NULL DEFAULT '{}',
-    eval_metrics TEXT
+    eval_metrics TEXT,
+    sweep TEXT
 )
 """
+# An experiment (core.sweep): several runs queued together on one dataset with the same split, seed and steps.
+# ``record`` is core.sweep.sweep_record's JSON; its runs are the rows of ``runs`` whose ``sweep`` is its id.
+_SWEEPS = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    record TEXT NOT NULL DEFAULT '{}'
+)
+"""
+# API tokens (studio.tokens): only the sha256 of each secret is kept. ``revoked`` is when it was revoked (NULL: valid).
+_TOKENS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL,
+    revoked REAL
+)
+"""
+# Tables added after the first release, created in an older registry when it is opened.
+_TABLES = (_SWEEPS, _TOKENS_SCHEMA)
 # Columns added after the first release, added to an older registry when it is opened: {name: SQL type}.
-_MIGRATIONS = {"eval_metrics": "TEXT"}
+_MIGRATIONS = {"eval_metrics": "TEXT", "sweep": "TEXT"}
 
 
 @dataclass
@@ -91,6 +115,7 @@ class Run:
     queued_at: float | None
     config: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)  # core.events.summarize's: the last full eval
+    sweep: str | None = None  # the id of the experiment that queued it (table sweeps), if any
     dir: Path = Path()
 
     @property
@@ -130,6 +155,8 @@ class RunStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            for table in _TABLES:
+                db.execute(table)
             have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
             for name, sql_type in _MIGRATIONS.items():
                 if name not in have:  # a registry from before this column: add it, rows read it as empty
@@ -255,6 +282,61 @@ class RunStore:
         elif folder.exists():
             shutil.rmtree(folder)
         self._exec("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    # ---- experiments (sweeps) ------------------------------------------------------------------------------
+
+    def create_sweep(self, name: str, record: dict[str, Any], run_ids: list[str]) -> str:
+        """Register an experiment and link its (already created) runs to it; returns its id."""
+        for run_id in run_ids:
+            self.require(run_id)
+        with self._lock:
+            sweep_id = new_run_id()
+            self._exec("INSERT INTO sweeps (id, name, created, record) VALUES (?,?,?,?)",
+                       (sweep_id, clean_name(name), time.time(), json.dumps(record)))
+            for run_id in run_ids:
+                self.update(run_id, sweep=sweep_id)
+        return sweep_id
+
+    def sweep(self, sweep_id: str) -> dict[str, Any] | None:
+        """{"id", "name", "created", "record", "runs": [Run, in the order they were queued]}, or None."""
+        check_run_id(sweep_id)
+        rows = self._exec("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
+        if not rows:
+            return None
+        d = dict(rows[0])
+        try:
+            d["record"] = json.loads(d["record"] or "{}")
+        except json.JSONDecodeError:
+            d["record"] = {}
+        runs = self._exec("SELECT * FROM runs WHERE sweep = ? ORDER BY queued_at, rowid", (sweep_id,))
+        d["runs"] = [self._to_run(r) for r in runs]
+        return d
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        """Every experiment, newest first: {"id", "name", "created"}."""
+        return [dict(r) for r in self._exec("SELECT id, name, created FROM sweeps ORDER BY created DESC")]
+
+    # ---- API tokens (the logic is studio.tokens') ---------------------------------------------------------
+
+    def add_token(self, token_id: str, name: str, digest: str) -> None:
+        self._exec("INSERT INTO api_tokens (id, name, hash, created) VALUES (?,?,?,?)",
+                   (token_id, name, digest, time.time()))
+
+    def token(self, token_id: str) -> dict[str, Any] | None:
+        rows = self._exec("SELECT * FROM api_tokens WHERE id = ?", (token_id,))
+        return dict(rows[0]) if rows else None
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token (valid and revoked), newest first, without the hashes."""
+        rows = self._exec("SELECT id, name, created, last_used, revoked FROM api_tokens "
+                          "ORDER BY created DESC, rowid DESC")
+        return [dict(r) for r in rows]
+
+    def update_token(self, token_id: str, *, last_used: float | None = None, revoked: float | None = None) -> None:
+        values = {k: v for k, v in (("last_used", last_used), ("revoked", revoked)) if v is not None}
+        if values:
+            sets = ", ".join(f"{k} = ?" for k in values)
+            self._exec(f"UPDATE api_tokens SET {sets} WHERE id = ?", (*values.values(), token_id))
 
     # ---- startup -------------------------------------------------------------------------------------------
 

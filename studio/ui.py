@@ -1,4 +1,4 @@
-"""build_app(ctx) -> gr.Blocks: a header (logo, base model, language switch) and six tabs, each built by its own
+"""build_app(ctx) -> gr.Blocks: a header (logo, base model, language switch) and seven tabs, each built by its own
 function in studio/tabs/ (LLaMA-Factory style: ``create_x_tab(ctx, shared) -> dict[str, Component]``, events wired at the
 bottom of each builder).
 
@@ -15,13 +15,17 @@ from typing import Any
 import gradio as gr
 
 from starlette.middleware import Middleware
+from starlette.routing import Mount
 
+from .api import PREFIX as API_PREFIX
+from .api import WithParent, build_api
 from .context import StudioContext
 from .i18n import LANG_SWITCH_JS, PageLanguage, T, i18n
 from .security import HideApiInfoWhenLoggedOut, LoginThrottle, ThrottleLogins
 from .tabs.chat import create_chat_tab
 from .tabs.common import default_run, run_choices
 from .tabs.data import create_data_tab
+from .tabs.experiment import create_experiment_tab, wire_chat
 from .tabs.export import create_export_tab
 from .tabs.monitor import create_monitor_tab
 from .tabs.runs import create_runs_tab
@@ -63,9 +67,11 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             shared["data_tab"] = create_data_tab(ctx, shared)
             shared["train_tab"] = create_train_tab(ctx, shared)
             shared["monitor_tab"] = create_monitor_tab(ctx, shared)
+            shared["experiment_tab"] = create_experiment_tab(ctx, shared)
             shared["runs_tab"] = create_runs_tab(ctx, shared)
             shared["chat_tab"] = create_chat_tab(ctx, shared)
             shared["export_tab"] = create_export_tab(ctx, shared)
+        wire_chat(ctx, shared)  # Experiment -> Chat: both tabs exist now
 
         for fn, name in shared["apis"]:
             gr.api(fn, api_name=name)
@@ -81,12 +87,17 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
 
 def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
                    throttle: LoginThrottle | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests). With auth, failed
-    sign-ins are throttled per address (``throttle``, default LoginThrottle())."""
+    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests): the theme, the
+    translations, auth, and the JSON API (studio.api) mounted at /api/v1 under the same auth. Every page starts in
+    the language switch's choice (PageLanguage). With auth, failed sign-ins on the page and on the API are throttled
+    per address by one LoginThrottle (``throttle``, default LoginThrottle())."""
+    throttle = throttle or LoginThrottle()
+    app_kwargs: dict[str, Any] = {"routes": [Mount(API_PREFIX, app=WithParent(build_api(ctx, auth, throttle)))],
+                                  "openapi_url": None}  # FastAPI's schema of gradio's routes: ours is at /api/v1
     middleware = [Middleware(PageLanguage)]
     if auth:
-        middleware += [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins,
-                                                                       throttle=throttle or LoginThrottle())]
+        middleware += [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins, throttle=throttle)]
+    app_kwargs["middleware"] = middleware
     return {
         "theme": theme(),
         "i18n": i18n(),
@@ -97,5 +108,6 @@ def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
         "allowed_paths": [str(ctx.exports_dir)],
         "show_error": False,
         "favicon_path": str(LOGO_PATH) if LOGO_PATH.exists() else None,
-        "app_kwargs": {"middleware": middleware},
+        "app_kwargs": app_kwargs,
+        "run_history": False,  # gradio's run history (uploads to a Hub bucket) is not part of the studio
     }

@@ -154,6 +154,59 @@ def test_app_refuses_exposure_without_auth(argv, needle, tmp_path):
     assert p.returncode == 2 and needle in p.stderr
 
 
+def _serve(argv, tmp_path, wait_for: str, timeout=90) -> tuple[subprocess.Popen, str]:
+    """Start app.py with ``argv``; return the process and its stderr up to the line containing ``wait_for``."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "app.py", "--data-dir", str(tmp_path / "data"), *argv], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, end = "", time.time() + timeout
+    while time.time() < end and wait_for not in seen:
+        line = p.stdout.readline()
+        if not line and p.poll() is not None:
+            break
+        seen += line
+    return p, seen
+
+
+def test_public_bind_without_tls_warns_passwords_travel_in_clear(tmp_path):
+    from app import clear_text_warning
+
+    assert clear_text_warning("127.0.0.1", False) is None and clear_text_warning("0.0.0.0", True) is None
+    assert "clear text" in clear_text_warning("0.0.0.0", False)
+    p, out = _serve(["--host", "0.0.0.0", "--port", str(free_port()), "--auth", "ada:pw"], tmp_path, "Running on")
+    try:
+        assert "Running on" in out and "password and API tokens travel in clear text" in out, out
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+def test_ssl_flags_serve_https(tmp_path):
+    from app import ssl_options
+
+    with pytest.raises(ValueError, match="go together"):
+        ssl_options("cert.pem", None)
+    with pytest.raises(ValueError, match="no such file"):
+        ssl_options(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    port = free_port()
+    p, out = _serve(["--host", "0.0.0.0", "--port", str(port), "--auth", "ada:pw", "--ssl-certfile", str(cert),
+                     "--ssl-keyfile", str(key)], tmp_path, "Running on")
+    try:
+        assert f"https://0.0.0.0:{port}" in out and "clear text" not in out, out
+        r = httpx.get(f"https://127.0.0.1:{port}/api/v1/runs", auth=("ada", "pw"), verify=str(cert), timeout=30)
+        assert r.status_code == 200 and r.json() == []
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/api/v1/runs", auth=("ada", "pw"), timeout=10)
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
 def test_exposure_rules_unit():
     from app import check_exposure
 
@@ -469,6 +522,18 @@ def test_export_adapter_zip_and_merged_model(client, app, trained_run, tiny_mode
         plain = logits(load_model(tiny_model_dir, device="cpu")[0], None, ids)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(plain, want, atol=1e-5, rtol=1e-4)  # the adapter does change the logits
+    # both exports carry the model card
+    assert "base_model:" in (Path(folder) / "README.md").read_text()
+    with zipfile.ZipFile(client.predict(trained_run, api_name="/export_adapter")[0][0]) as z:
+        assert any(n.endswith("/README.md") for n in z.namelist())
+    # GGUF from the Export tab: loads back through transformers' GGUF reader with the merged folder's logits
+    files, message, snippet = client.predict(trained_run, "f16", api_name="/export_gguf")
+    gguf_path = Path(files[0])
+    assert gguf_path.suffix == ".gguf" and "GGUF (f16)" in message and "gguf_file=" in snippet
+    served = Path(app[0].exports_dir, trained_run, gguf_path.name)
+    from_gguf = AutoModelForCausalLM.from_pretrained(served.parent, gguf_file=served.name).eval()
+    with torch.no_grad():
+        assert torch.allclose(from_gguf(input_ids=ids).logits, got, atol=1e-2, rtol=1e-2)
 
 
 def test_rename_and_delete_with_confirmation(client, app, trained_run, tiny_model_dir):

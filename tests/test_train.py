@@ -244,6 +244,8 @@ def test_stop_and_resume_equals_one_uninterrupted_run(tmp_path, method):
     second = run(cfg, tmp_path / "split", resume=True)  # a fresh base model, as a new worker process would have
     assert second[0]["resumed_from"] == 4 and second[-1]["status"] == "completed"
     assert [e["loss"] for e in steps(first) + steps(second)] == [e["loss"] for e in steps(whole)]
+    tokens = [e["supervised_tokens"] for e in steps(whole)]  # the running count continues across the resume
+    assert [e["supervised_tokens"] for e in steps(first) + steps(second)] == tokens and tokens[0] < tokens[-1]
     ta = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
     tb = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
     assert ta.keys() == tb.keys()

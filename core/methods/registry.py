@@ -27,7 +27,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import MethodConfig
+from ..config import FieldError, MethodConfig
 from .base import Method
 
 Family = Literal["full", "selective", "additive", "reparameterised"]
@@ -184,7 +184,7 @@ def spec(name: str) -> MethodSpec:
     """The spec of method ``name``; ValueError naming RunConfig.method and the choices when it is unknown."""
     all_specs = specs()
     if name not in all_specs:
-        raise ValueError(f"RunConfig.method = {name!r} is invalid: choose one of {', '.join(all_specs)}")
+        raise FieldError(f"RunConfig.method = {name!r} is invalid: choose one of {', '.join(all_specs)}", "method")
     return all_specs[name]
 
 

@@ -12,6 +12,7 @@ from ..export import can_merge, loading_snippet
 from ..format import esc, run_label, user_error
 from ..i18n import T, choice, t
 from .common import finished_with_adapter, safe_get
+from .tokens import create_tokens_panel
 
 
 def create_export_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
@@ -24,20 +25,25 @@ def create_export_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                 with gr.Row():
                     zip_btn = gr.Button(T("export.zip"), variant="primary", elem_id="ps-export-zip")
                     merge_btn = gr.Button(T("export.merge"), elem_id="ps-export-merge")
+                with gr.Row():
+                    encoding = gr.Radio(["f16", "q8_0"], value="f16", label=T("export.gguf_encoding"), scale=2,
+                                        info=T("export.gguf_encoding_info"))
+                    gguf_btn = gr.Button(T("export.gguf"), elem_id="ps-export-gguf", scale=1)
                 files = gr.File(label=T("export.files"), file_count="multiple", interactive=False,
                                 elem_id="ps-export-files")
                 message = gr.Markdown(elem_id="ps-export-message")
             with gr.Column(scale=3):
                 snippet = gr.Code(T("export.choose"), language="python", label=T("export.snippet"), interactive=False)
+                tokens = create_tokens_panel(ctx)
 
     def on_select(run_id):
         r = safe_get(ctx, run_id)
         if r is None:
-            return "", T("export.choose"), gr.update(interactive=False)
+            return "", T("export.choose"), gr.update(interactive=False), gr.update(interactive=False)
         text = t("export.info", name=esc(r.name), method=esc(r.method), model=esc(r.model),
                  status=choice("status", r.status),
                  merge=t("export.can_merge") if can_merge(r) else t("export.cannot_merge"))
-        return text, loading_snippet(r), gr.update(interactive=can_merge(r))
+        return text, loading_snippet(r), gr.update(interactive=can_merge(r)), gr.update(interactive=can_merge(r))
 
     def on_zip(run_id):
         z = actions.export_adapter(ctx, run_id)
@@ -48,13 +54,19 @@ def create_export_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         msg = t("export.merged", name=esc(m["name"]), folder=esc(m["folder"]))
         return [m["archive"]] if m["archive"] else [], msg, m["snippet"]
 
+    def on_gguf(run_id, enc):
+        g = actions.export_gguf(ctx, run_id, enc)
+        msg = t("export.gguf_written", encoding=g["encoding"], name=esc(g["name"]), mb=f"{g['bytes'] / 2**20:.1f}")
+        return [g["path"]], msg, g["snippet"]
+
     def refresh(current):
         runs = finished_with_adapter(ctx)
         ids = {r.id for r in runs}
         return gr.update(choices=[(run_label(r), r.id) for r in runs], value=current if current in ids else None)
 
-    run.change(on_select, run, [info, snippet, merge_btn], api_visibility="private")
+    run.change(on_select, run, [info, snippet, merge_btn, gguf_btn], api_visibility="private")
     zip_btn.click(user_error(on_zip), run, [files, message, snippet], api_name="export_adapter")
     merge_btn.click(user_error(on_merge), run, [files, message, snippet], api_name="export_merged")
+    gguf_btn.click(user_error(on_gguf), [run, encoding], [files, message, snippet], api_name="export_gguf")
     tab.select(refresh, run, run, api_visibility="private")
-    return {"run": run, "files": files, "message": message, "snippet": snippet}
+    return {"run": run, "files": files, "message": message, "snippet": snippet, **tokens}
