@@ -171,8 +171,9 @@ def choice(prefix: str, value: object) -> str:
 
 
 #: Key prefixes filled from a list core or the studio owns (checked against it by the tests): run statuses and data
-#: formats (``choice``), and the labels of config fields shown as widgets (``field.<name>``, studio.knobs).
-DYNAMIC = ("status", "format", "field")
+#: formats and the Experiment leaderboard's columns (``choice``), and the labels of config fields shown as widgets
+#: (``field.<name>``, studio.knobs).
+DYNAMIC = ("status", "format", "field", "board")
 
 
 #: Put first in every page's <head> (PageLanguage): before Gradio's module scripts run, the switch's choice (the

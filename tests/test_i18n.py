@@ -18,6 +18,7 @@ from core.methods import menu
 from studio import i18n, messages
 from studio.knobs import shown_fields
 from studio.store import STATUSES
+from studio.sweeps import TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIO = ROOT / "studio"
@@ -75,7 +76,8 @@ def test_every_key_is_used_and_every_used_key_exists():
 
 def test_lists_owned_elsewhere_have_exactly_their_keys():
     en = i18n.files()["en"]
-    owners = {"status": STATUSES, "format": FORMATS, "field": {name for _, name, _ in shown_fields()}}
+    owners = {"status": STATUSES, "format": FORMATS, "field": {name for _, name, _ in shown_fields()},
+              "board": [col for _, col in TABLE]}
     assert set(owners) == set(i18n.DYNAMIC)
     for prefix, values in owners.items():
         assert {k.split(".", 1)[1] for k in en if k.startswith(prefix + ".")} == set(values), prefix

@@ -12,8 +12,7 @@ import pandas as pd
 
 from .. import charts, sweeps
 from ..format import esc, user_error
-from ..i18n import T, method_key, t
-from ..messages import localize
+from ..i18n import T, choice, method_key, t
 
 POLL_S = 2.0
 MODES = ("methods", "knob")  # several methods, or one method's knob values
@@ -33,16 +32,32 @@ def cell_text(v: Any, best: bool) -> str:
 def styled(view: dict[str, Any] | None):
     """The leaderboard as a pandas Styler: numbers stay numbers (the table sorts them); the best cell of each
     column shows a star and a highlight."""
+    names = {h: choice("board", col) for h, col in sweeps.TABLE}  # headers in the page's language
     if view is None:
-        return pd.DataFrame(columns=[h for h, _ in sweeps.TABLE])
-    t = sweeps.leaderboard_table(view)
-    df = pd.DataFrame(t["rows"], columns=t["headers"])
-    best = t["best"]
+        return pd.DataFrame(columns=list(names.values()))
+    table = sweeps.leaderboard_table(view)
+    df = pd.DataFrame(table["rows"], columns=[names[h] for h in table["headers"]])
+    best = {names[h]: v for h, v in table["best"].items()}
     styler = df.style
     for col in df.columns:
         styler = styler.format(lambda v, c=col: cell_text(v, c in best and v == best[c]), subset=[col])
     mark = "font-weight: 700; background-color: #dcfce7"
     return styler.apply(lambda s: [mark if s.name in best and v == best[s.name] else "" for v in s], axis=0)
+
+
+def verdict_text(view: dict[str, Any]) -> str:
+    """The advisor's pick against the measurement (core.leaderboard.verdict), in the page's language."""
+    v = view["verdict"]
+    label = t(method_key(v["recommended"], "label"))
+    if v["agreed"] is None:
+        return t("experiment.v.none", label=label)
+    best = next((r for r in view["rows"] if r.get("run") == v["best_run"]), {})
+    by = f"{best.get('task_metric', '')} {best.get('task_score') or 0:.4f}"
+    if v["agreed"]:
+        return t("experiment.v.agree", label=label, run=v["best_run"], by=by)
+    if v["recommended"] not in {r.get("method") for r in view["rows"]}:
+        return t("experiment.v.absent", label=label, run=v["best_run"], by=by)
+    return t("experiment.v.disagree", label=label, run=v["best_run"], by=by)
 
 
 def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
@@ -120,7 +135,7 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
             csv_up = gr.update(value=files["csv"], interactive=True)
             html_up = gr.update(value=files["html"], interactive=True)
         state = t("experiment.all_ended") if view["done"] else t("experiment.still_running")
-        text = t("experiment.verdict", state=state, verdict=esc(localize(view["verdict"]["text"])))
+        text = t("experiment.verdict", state=state, verdict=esc(verdict_text(view)))
         return text, styled(view), charts.overlay_figure(view["curves"]), csv_up, html_up, key
 
     def on_tab():
@@ -134,6 +149,7 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
     current.change(user_error(refresh), [current, seen], outputs, api_visibility="private")
     timer.tick(user_error(refresh), [current, seen], outputs, api_visibility="private")
     tab.select(on_tab, None, dataset, api_visibility="private")
+    shared["on_load"].append((lambda: styled(None), [board]))
     return {"dataset": dataset, "mode": mode, "methods": methods, "start": start, "current": current,
             "board": board, "curves": curves, "advice": advice, "to_chat": to_chat, "message": message}
 
