@@ -26,6 +26,8 @@ run: $(STAMP)
 test: export HF_HUB_OFFLINE=1
 test: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@# a CJK font, so that the Chinese browser tests and screenshots show characters rather than boxes
+	@fc-list :lang=zh 2>/dev/null | grep -q . || (apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei >/dev/null)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

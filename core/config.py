@@ -20,7 +20,8 @@ DEFAULT_MODEL = "default"  # the packaged SmolLM2-135M-Instruct
 
 
 def knob(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with help text. Lists get a default_factory."""
+    """A dataclass field with help text. Lists get a default_factory. Extra keywords go to the metadata: ``min``,
+    ``max``, ``gt`` (checked by Validated) and ``help_zh``, the help in Chinese for the studio's Chinese page."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -156,32 +157,44 @@ def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConf
 
 @dataclass
 class TrainConfig(Validated):
-    lr: float = knob(2e-4, "Peak learning rate (of the top block when LLRD is on).", gt=0.0, max=1.0)
-    scheduler: Literal["constant", "linear", "cosine"] = knob("cosine", "Learning-rate schedule after warmup.")
-    warmup_steps: int = knob(0, "Linear warmup steps.", min=0)
-    epochs: float = knob(1.0, "Passes over the training set (ignored when max_steps > 0).", gt=0.0, max=1000)
-    max_steps: int = knob(0, "Stop after this many optimiser steps (0 = use epochs).", min=0)
-    batch_size: int = knob(8, "Examples per micro-batch.", min=1, max=4096)
-    grad_accum: int = knob(1, "Micro-batches per optimiser step.", min=1, max=1024)
-    max_len: int = knob(512, "Maximum tokens per example; longer ones are truncated.", min=8, max=131072)
-    weight_decay: float = knob(0.0, "AdamW weight decay.", min=0.0, max=1.0)
-    max_grad_norm: float = knob(1.0, "Clip the gradient norm to this (0 = off).", min=0.0)
-    llrd_decay: float = knob(1.0, "Layer-wise LR decay: lr_l = lr·decay^(L−l−1). 1 = off.", gt=0.0, max=1.0)
-    seed: int = knob(42, "Random seed for init, shuffling and dropout.", min=0)
-    eval_every: int = knob(0, "Evaluate every N steps (0 = only at the end).", min=0)
+    lr: float = knob(2e-4, "Peak learning rate (of the top block when LLRD is on).", gt=0.0, max=1.0,
+                     help_zh="峰值学习率（开启 LLRD 时为顶层的学习率）。")
+    scheduler: Literal["constant", "linear", "cosine"] = knob("cosine", "Learning-rate schedule after warmup.",
+                                                              help_zh="预热之后的学习率调度方式。")
+    warmup_steps: int = knob(0, "Linear warmup steps.", min=0, help_zh="线性预热的步数。")
+    epochs: float = knob(1.0, "Passes over the training set (ignored when max_steps > 0).", gt=0.0, max=1000,
+                         help_zh="训练轮次：遍历训练集的次数（max_steps > 0 时忽略）。")
+    max_steps: int = knob(0, "Stop after this many optimiser steps (0 = use epochs).", min=0,
+                          help_zh="训练这么多个优化步后停止（0 = 按训练轮次）。")
+    batch_size: int = knob(8, "Examples per micro-batch.", min=1, max=4096, help_zh="每个微批次的样本数（批大小）。")
+    grad_accum: int = knob(1, "Micro-batches per optimiser step.", min=1, max=1024, help_zh="每个优化步累积的微批次数（梯度累积）。")
+    max_len: int = knob(512, "Maximum tokens per example; longer ones are truncated.", min=8, max=131072,
+                        help_zh="每个样本的最大 token 数；更长的会被截断。")
+    weight_decay: float = knob(0.0, "AdamW weight decay.", min=0.0, max=1.0, help_zh="AdamW 的权重衰减。")
+    max_grad_norm: float = knob(1.0, "Clip the gradient norm to this (0 = off).", min=0.0,
+                                help_zh="把梯度范数裁剪到此值（0 = 不裁剪）。")
+    llrd_decay: float = knob(1.0, "Layer-wise LR decay: lr_l = lr·decay^(L−l−1). 1 = off.", gt=0.0, max=1.0,
+                             help_zh="学习率调度（LLRD）的逐层衰减系数：第 l 层的学习率为 lr·decay^(L−l−1)（1 = 关闭；通常 0.8 ~ 0.95）。")
+    seed: int = knob(42, "Random seed for init, shuffling and dropout.", min=0, help_zh="初始化、打乱数据和 dropout 用的随机种子。")
+    eval_every: int = knob(0, "Evaluate every N steps (0 = only at the end).", min=0,
+                           help_zh="每 N 步在验证集上评估一次（0 = 只在结束时）。")
     eval_max_rows: int = knob(
         200, "Held-out rows answered by greedy generation for the task metrics at the end (0 = loss metrics only).",
         min=0)
     eval_max_new_tokens: int = knob(64, "Most tokens generated per held-out answer at the end.", min=1, max=4096)
-    save_every: int = knob(0, "Checkpoint every N steps (0 = only at the end).", min=0)
-    log_every: int = knob(1, "Write a metrics event every N steps.", min=1)
-    grad_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = knob("auto", "Where to train.")
+    save_every: int = knob(0, "Checkpoint every N steps (0 = only at the end).", min=0,
+                           help_zh="每 N 步保存一次检查点（0 = 只在结束时）。")
+    log_every: int = knob(1, "Write a metrics event every N steps.", min=1, help_zh="每 N 步写一条指标记录。")
+    grad_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.",
+                                    help_zh="反向传播时重新计算激活值，以节省显存（梯度检查点）。")
+    device: Literal["auto", "cpu", "cuda", "mps"] = knob("auto", "Where to train.", help_zh="在哪个设备上训练。")
     precision: Literal["auto", "fp32", "bf16-mixed"] = knob(
         "auto",
         "bf16-mixed: base weights in bf16, trainable weights and optimiser state in fp32, forward under bf16 "
         "autocast. auto: bf16-mixed on GPUs with bf16 and on CPUs with bf16 matrix units (AMX, AVX512-BF16), "
         "fp32 otherwise.",
+        help_zh="bf16-mixed：基座权重用 bf16，可训练权重和优化器状态用 fp32，前向在 bf16 autocast 下进行。"
+                "auto：GPU 支持 bf16 或 CPU 有 bf16 矩阵单元（AMX、AVX512-BF16）时用 bf16-mixed，否则用 fp32。",
     )
     compile: bool = knob(False, "torch.compile the model (GPU only).")
 
@@ -196,12 +209,15 @@ class DataConfig(Validated):
         "auto", "Dataset format; auto-detected from the fields."
     )
     fields: dict[str, str] = knob(
-        {}, "Column mapping: which column holds each field, e.g. instruction=prompt,output=completion."
+        {}, "Column mapping: which column holds each field, e.g. instruction=prompt,output=completion.",
+        help_zh="列名映射：每个字段在哪一列，例如 instruction=prompt,output=completion。",
     )
     split: str = knob("train", "Split of a Hub dataset or of a saved DatasetDict, e.g. train or train[:90%].")
     subset: str = knob("", "Configuration (subset) name of a Hub dataset; empty = its default.")
-    val_fraction: float = knob(0.1, "Fraction of examples held out for evaluation.", min=0.0, max=0.5)
-    val_count: int = knob(0, "Hold out exactly this many examples instead (0 = use val_fraction).", min=0)
+    val_fraction: float = knob(0.1, "Fraction of examples held out for evaluation.", min=0.0, max=0.5,
+                               help_zh="留作评估的样本比例。")
+    val_count: int = knob(0, "Hold out exactly this many examples instead (0 = use val_fraction).", min=0,
+                          help_zh="改为恰好留出这么多样本（0 = 按比例）。")
     system_prompt: str = knob("", "System prompt rendered before every example (empty = template default).")
     max_bytes: int = knob(200 * 1024 * 1024, "Refuse files larger than this.", min=1)
 

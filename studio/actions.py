@@ -40,6 +40,8 @@ from .chat import MAX_PROMPT_CHARS, Column
 from .datasets import inspect, store_upload
 from .export import adapter_zip, can_merge, gguf_file, gguf_snippet, loading_snippet, merged_model
 from .metrics import of_type, summarize
+from .i18n import t
+from .messages import localize
 from .paths import inside
 
 # ---- the method menu ---------------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ def _estimate(ctx, cfg: RunConfig, dataset: dict | None) -> dict[str, Any]:
     seq = min(int(dataset["stats"]["max"]), cfg.train.max_len) if dataset and dataset.get("stats") else None
     est = ctx.estimator.estimate(cfg.model, cfg.method, cfg.train, seq, _device(cfg.train.device, detect_hardware()))
     return {"trainable": est.trainable, "total": est.total, "percent": est.percent, "peak_bytes": est.peak_bytes,
-            "note": est.note, "markdown": est.markdown()}
+            "note": t(est.note) if est.note else "", "markdown": est.markdown()}
 
 
 def check(ctx, form: dict[str, Any], dataset: dict | None = None) -> dict[str, Any]:
@@ -280,7 +282,8 @@ def advise(rows: int, hardware: str, goal: str) -> dict[str, Any]:
     ``form``, the form values that Apply puts in the Train tab."""
     a = recommend(int(rows), hardware, goal)  # type: ignore[arg-type]
     out = {"method": a.method, "method_config": dict(a.method_config), "train": dict(a.train), "label": a.label,
-           "reasons": list(a.reasons), "alternatives": list(a.alternatives)}
+           "reasons": list(a.reasons), "alternatives": list(a.alternatives), "reasons_zh": list(a.reasons_zh),
+           "alternative_methods": list(a.alternative_methods)}
     out["form"] = apply_advice(out)
     return out
 
@@ -456,7 +459,7 @@ def chat_columns(ctx, run_ids: list[str] | None, include_base: bool, model: str 
     model = chosen[0].model if chosen else ((model or "").strip() or ctx.default_model)
     from .format import knobs_text  # noqa: PLC0415 - labels only; format imports gradio for user_error
 
-    out = [Column("base", f"Base model · {model}", None)] if include_base or not chosen else []
+    out = [Column("base", t("chat.base_label", model=model), None)] if include_base or not chosen else []
     out += [Column(r.id, f"{r.name} · {knobs_text(r)}", r.adapter_dir) for r in chosen]
     return model, out
 
@@ -468,11 +471,11 @@ def chat_start(ctx, text: str, run_ids: list[str] | None, include_base: bool, mo
     text = text or ""
     hist = {k: list(v) for k, v in (histories or {}).items()}
     if not text.strip():
-        return {"note": "Type a message first.", "job": None, "histories": hist}
+        return {"note": localize("Type a message first."), "job": None, "histories": hist}
     note = ""
     if len(text) > MAX_PROMPT_CHARS:
-        note = (f"Your message has {len(text):,} characters; only the first {MAX_PROMPT_CHARS:,} were sent "
-                "(the model's context could not hold more).")
+        note = localize(f"Your message has {len(text):,} characters; only the first {MAX_PROMPT_CHARS:,} were sent "
+                        "(the model's context could not hold more).")
         text = text[:MAX_PROMPT_CHARS]
     model_name, cs = chat_columns(ctx, run_ids, include_base, model)
     for c in cs:

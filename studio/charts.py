@@ -1,5 +1,6 @@
 """Plotly figures drawn from metrics.jsonl events (schema: core.events). Pure functions: events in,
-figure out, so they are tested without a browser and redrawn by the Monitor tab's timer."""
+figure out, so they are tested without a browser and redrawn by the Monitor tab's timer. Titles and axes are
+in the language of the request that draws them (studio.i18n.t)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import plotly.graph_objects as go
 from core.blocks import depth_label, label_order
 from core.events import finite as _num
 from core.events import of_type
+
+from .i18n import t
 
 HEIGHT = 320
 COLORS = ["#4f46e5", "#0891b2", "#16a34a", "#d97706", "#db2777", "#7c3aed", "#475569", "#dc2626"]
@@ -62,16 +65,16 @@ def loss_figure(events: list[dict], log_scale: bool = False, smoothing: float = 
     evals = [(e.get("step"), _num(e.get("eval_loss"))) for e in of_type(events, "eval")]
     evals = [(s, v) for s, v in evals if v is not None]
     if not xs and not evals:
-        return empty("Loss", "No training steps yet")
+        return empty(t("chart.loss"), t("chart.no_steps"))
     fig = go.Figure()
     if xs:
-        fig.add_scatter(x=xs, y=ys, mode="lines", name="train (raw)", line={"color": "#a5b4fc", "width": 1})
-        fig.add_scatter(x=xs, y=ema(ys, smoothing), mode="lines", name=f"train (EMA {smoothing:g})",
+        fig.add_scatter(x=xs, y=ys, mode="lines", name=t("chart.train_raw"), line={"color": "#a5b4fc", "width": 1})
+        fig.add_scatter(x=xs, y=ema(ys, smoothing), mode="lines", name=t("chart.train_ema", smoothing=f"{smoothing:g}"),
                         line={"color": COLORS[0], "width": 2.5})
     if evals:
-        fig.add_scatter(x=[s for s, _ in evals], y=[v for _, v in evals], mode="lines+markers", name="eval",
+        fig.add_scatter(x=[s for s, _ in evals], y=[v for _, v in evals], mode="lines+markers", name=t("chart.eval"),
                         line={"color": COLORS[3], "width": 2, "dash": "dot"}, marker={"size": 8})
-    _layout(fig, "Loss", "step", "cross-entropy (nats/token)")
+    _layout(fig, t("chart.loss"), t("chart.step"), t("chart.cross_entropy"))
     if log_scale:
         fig.update_yaxes(type="log")
     return fig
@@ -81,7 +84,7 @@ def lr_groups_figure(events: list[dict]) -> go.Figure:
     """The learning rate of every optimiser param group over steps (LLRD makes them fan out)."""
     steps = of_type(events, "step")
     if not steps:
-        return empty("Learning rate by group", "No training steps yet")
+        return empty(t("chart.lr_groups"), t("chart.no_steps"))
     names: list[str] = []
     for e in steps:
         for n in (e.get("lr") or {}):
@@ -90,7 +93,7 @@ def lr_groups_figure(events: list[dict]) -> go.Figure:
     fig = go.Figure()
     same = all(len({round(v, 15) for v in (e.get("lr") or {}).values() if _num(v) is not None}) <= 1 for e in steps)
     if same and len(names) > 1:  # one line instead of a legend of identical curves
-        names, label = names[:1], f"all {len(names)} groups"
+        names, label = names[:1], t("chart.all_groups", n=len(names))
     else:
         label = ""
     for i, n in enumerate(names):
@@ -98,10 +101,10 @@ def lr_groups_figure(events: list[dict]) -> go.Figure:
         pts = [(s, v) for s, v in pts if v is not None]
         fig.add_scatter(x=[s for s, _ in pts], y=[v for _, v in pts], mode="lines", name=label or n,
                         showlegend=True, line={"color": COLORS[i % len(COLORS)], "width": 2})
-    title = "Learning rate by group"
+    title = t("chart.lr_groups")
     if _single_rate(steps[-1]):
-        title += " — one rate for every trained parameter (no per-layer decay)"
-    return _layout(fig, title, "step", "learning rate")
+        title += t("chart.lr_groups_single")
+    return _layout(fig, title, t("chart.step"), t("chart.lr"))
 
 
 def _single_rate(step_event: dict) -> bool:
@@ -113,7 +116,7 @@ def lr_depth_figure(events: list[dict]) -> go.Figure:
     """The current learning rate by block depth, bottom (embeddings) to top (head)."""
     steps = of_type(events, "step")
     if not steps:
-        return empty("Current lr by depth", "No training steps yet")
+        return empty(t("chart.lr_depth"), t("chart.no_steps"))
     start = (of_type(events, "start") or [{}])[-1]
     num_layers = start.get("num_layers")
     by_depth = steps[-1].get("lr_by_depth") or {}
@@ -126,20 +129,20 @@ def lr_depth_figure(events: list[dict]) -> go.Figure:
         if _num(v) is not None:
             items.append((key, depth_label(k, num_layers), float(v)))
     if not items:
-        return empty("Current lr by depth", "This method has no per-layer parameters")
+        return empty(t("chart.lr_depth"), t("chart.no_layers"))
     items.sort()
     fig = go.Figure(go.Bar(x=[n for _, n, _ in items], y=[v for _, _, v in items], marker_color=COLORS[1]))
-    title = f"Current lr by depth (step {steps[-1].get('step')})"
+    title = t("chart.lr_depth_at", step=steps[-1].get("step"))
     if len({round(v, 15) for _, _, v in items}) == 1:
-        title += " — flat: this run uses a single rate (LLRD off or one group)"
-    return _layout(fig, title, "depth (bottom → top)", "learning rate")
+        title += t("chart.lr_depth_flat")
+    return _layout(fig, title, t("chart.depth"), t("chart.lr"))
 
 
 def grad_heatmap(events: list[dict], max_columns: int = 300) -> go.Figure:
     """Gradient norm per block (rows, bottom block at the bottom) over steps (columns), colour on a log scale."""
     steps = [e for e in of_type(events, "step") if e.get("grad_norm")]
     if not steps:
-        return empty("Gradient norm per block", "No gradient norms yet")
+        return empty(t("chart.grad"), t("chart.no_grad"))
     if len(steps) > max_columns:  # thin out long runs so the browser stays fast
         stride = math.ceil(len(steps) / max_columns)
         steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
@@ -154,29 +157,29 @@ def grad_heatmap(events: list[dict], max_columns: int = 300) -> go.Figure:
     fig = go.Figure(go.Heatmap(
         x=[e["step"] for e in steps], y=labels, z=z, colorscale="Viridis",
         colorbar={"title": {"text": "log10 ‖g‖"}},
-        hovertemplate="step %{x}<br>%{y}<br>log10 ‖g‖ = %{z:.2f}<extra></extra>",
+        hovertemplate=t("chart.step") + " %{x}<br>%{y}<br>log10 ‖g‖ = %{z:.2f}<extra></extra>",
     ))
-    return _layout(fig, "Gradient norm per block", "step", "", height=max(HEIGHT, 18 * len(labels) + 120))
+    return _layout(fig, t("chart.grad"), t("chart.step"), "", height=max(HEIGHT, 18 * len(labels) + 120))
 
 
 def length_histogram(lengths: list[int], max_len: int | None = None) -> go.Figure:
     """Token lengths of the examples, with the truncation limit as a line."""
     if not lengths:
-        return empty("Token lengths", "No examples")
+        return empty(t("chart.lengths"), t("chart.no_examples"))
     fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(50, max(5, len(set(lengths)))), marker_color=COLORS[0]))
-    title = f"Token lengths ({len(lengths)} examples)"
+    title = t("chart.lengths_n", n=len(lengths))
     if max_len and max_len <= 1.25 * max(lengths):  # draw the limit only where it does not squash the bars
         fig.add_vline(x=max_len, line={"color": COLORS[7], "dash": "dash"},
                       annotation_text=f"max_len {max_len}", annotation_position="top left")
     elif max_len:
-        title += f" — all below max_len {max_len}"
-    return _layout(fig, title, "tokens per example", "examples")
+        title += t("chart.lengths_below", max_len=max_len)
+    return _layout(fig, title, t("chart.tokens_per_example"), t("chart.examples"))
 
 
 def overlay_figure(runs: list[tuple[str, list[dict]]], log_scale: bool = False, smoothing: float = 0.9) -> go.Figure:
     """Smoothed train loss (solid) and eval loss (dotted) of several runs on one chart."""
     if not runs:
-        return empty("Loss overlay", "Select runs in the table to compare them")
+        return empty(t("chart.overlay"), t("chart.overlay_empty"))
     fig = go.Figure()
     for i, (label, events) in enumerate(runs):
         color = COLORS[i % len(COLORS)]
@@ -187,8 +190,8 @@ def overlay_figure(runs: list[tuple[str, list[dict]]], log_scale: bool = False, 
         evals = [(s, v) for s, v in evals if v is not None]
         if evals:
             fig.add_scatter(x=[s for s, _ in evals], y=[v for _, v in evals], mode="lines+markers",
-                            name=f"{label} (eval)", line={"color": color, "dash": "dot"})
-    _layout(fig, "Loss overlay (train EMA solid, eval dotted)", "step", "loss", height=380)
+                            name=t("chart.run_eval", label=label), line={"color": color, "dash": "dot"})
+    _layout(fig, t("chart.overlay_title"), t("chart.step"), t("chart.loss_axis"), height=380)
     if log_scale:
         fig.update_yaxes(type="log")
     return fig

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from core.generate import AdapterBank, GenerationSettings, stream
 
+from .i18n import t
+from .messages import localize
+
 MAX_PROMPT_CHARS = 20_000
 
 
@@ -74,7 +77,7 @@ class ChatService:
                 self._ensure_adapter(bank, col)
             method = bank.use(col.key if col.adapter is not None else None)
         except (ValueError, OSError, RuntimeError) as e:
-            yield Reply(i, "", f"⚠ cannot load this adapter: {e}", True)
+            yield Reply(i, "", "⚠ " + t("chat.cannot_load", detail=localize(e)), True)
             return
         did_merge = False
         if merged and method is not None and method.can_merge:
@@ -91,7 +94,7 @@ class ChatService:
                 text += delta
                 yield Reply(i, text, "", False)
         except ValueError as e:
-            yield Reply(i, text, f"⚠ {e}", True)
+            yield Reply(i, text, f"⚠ {localize(e)}", True)
             return
         finally:
             if out is not None:
@@ -100,9 +103,10 @@ class ChatService:
                 method.unmerge(bank.model)
         total = time.perf_counter() - started
         n = (out.new_tokens if out is not None and out.new_tokens else n)
-        parts = [f"first token {1000 * (first or total):.0f} ms", f"{n / max(total, 1e-6):.1f} tok/s"]
+        parts = [t("chat.first_token", ms=f"{1000 * (first or total):.0f}"),
+                 t("chat.speed", n=f"{n / max(total, 1e-6):.1f}")]
         if method is not None and method.can_merge:
-            parts.append("merged" if did_merge else "unmerged")
+            parts.append(t("chat.merged") if did_merge else t("chat.unmerged"))
         if out is not None and out.notice:
-            parts.append(out.notice)
+            parts.append(localize(out.notice))
         yield Reply(i, text, " · ".join(parts), True)

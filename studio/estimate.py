@@ -27,6 +27,8 @@ from core.methods import spec_of
 from core.models import ModelNotFoundError, load_model_config, resolve_precision
 from core.preflight import dry_run
 
+from .i18n import t
+
 GB = 1024**3
 
 
@@ -38,7 +40,7 @@ class Estimate:
     grads_bytes: int
     optimizer_bytes: int
     activation_bytes: int
-    note: str = ""
+    note: str = ""  # a studio.i18n key
 
     @property
     def percent(self) -> float:
@@ -50,12 +52,10 @@ class Estimate:
 
     def markdown(self) -> str:
         gb = lambda b: f"{b / GB:.2f} GB" if b >= GB / 10 else f"{b / 2**20:.0f} MB"  # noqa: E731
-        text = (
-            f"**Trainable parameters:** {self.trainable:,} of {self.total:,} (**{self.percent:.3g}%**)  \n"
-            f"**Peak memory ≈ {gb(self.peak_bytes)}** (estimate: weights {gb(self.weights_bytes)}, "
-            f"gradients + AdamW {gb(self.grads_bytes + self.optimizer_bytes)}, activations {gb(self.activation_bytes)})"
-        )
-        return text + (f"  \n{self.note}" if self.note else "")
+        text = t("estimate.summary", trainable=f"{self.trainable:,}", total=f"{self.total:,}",
+                 percent=f"{self.percent:.3g}", peak=gb(self.peak_bytes), weights=gb(self.weights_bytes),
+                 optimizer=gb(self.grads_bytes + self.optimizer_bytes), activations=gb(self.activation_bytes))
+        return text + ("  \n" + t(self.note) if self.note else "")
 
 
 class Estimator:
@@ -91,5 +91,5 @@ class Estimator:
         logits = b * t * shape.vocab_size * 4 * 2
         note = ""
         if seq_len is None:
-            note = "Sequence length taken as max_len; load a dataset for an estimate from its real lengths."
+            note = "estimate.no_dataset"
         return Estimate(trainable, total, total * bytes_per, trainable * 4, trainable * 8, acts + logits, note)

@@ -17,6 +17,7 @@ from core.checkpoint import SIDECAR, export_merged, load_adapter, read_sidecar
 from core.methods import spec
 from core.model_card import model_card, write_model_card
 
+from .i18n import t
 from .paths import inside
 from .store import Run
 
@@ -105,7 +106,7 @@ def loading_snippet(run: Run, merged_folder: Path | None = None) -> str:
         peft_type = None
     if peft_type:
         return (
-            "# unzip the download first\n"
+            f"# {t('export.code.unzip')}\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "from peft import PeftModel\n\n"
             f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
@@ -113,7 +114,7 @@ def loading_snippet(run: Run, merged_folder: Path | None = None) -> str:
             f'model = PeftModel.from_pretrained(base, "{adapter}")  # {peft_type}\n'
         )
     return (
-        f"# {run.method}: PEFT has no loader for this format; use PEFT Studio's engine (see {SIDECAR})\n"
+        f"# {t('export.code.no_peft', method=run.method, sidecar=SIDECAR)}\n"
         "from core.checkpoint import load_adapter\n"
         "from core.models import load_model\n\n"
         f'model, tokenizer = load_model("{run.model}")\n'

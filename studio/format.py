@@ -13,6 +13,8 @@ import gradio as gr
 
 from core.events import duration
 
+from .i18n import t
+from .messages import localize
 from .store import Run
 
 log = logging.getLogger("studio")
@@ -92,15 +94,16 @@ def esc(text: object) -> str:
 
 
 def user_error(fn: Callable) -> Callable:
-    """Turn any exception of a handler into a one-line gr.Error; the traceback goes to the server log only."""
+    """Turn any exception of a handler into a one-line gr.Error in the user's language (studio.messages); the
+    traceback goes to the server log only."""
 
     def convert(e: Exception) -> gr.Error:
         if isinstance(e, gr.Error):
             return e
         if isinstance(e, (ValueError, KeyError, OSError)):
-            return gr.Error(_one_line(e))
+            return gr.Error(localize(_one_line(e)))
         log.exception("handler %s failed", fn.__name__)
-        return gr.Error(f"Something went wrong ({type(e).__name__}): {_one_line(e)}")
+        return gr.Error(t("err.unexpected", kind=type(e).__name__, detail=localize(_one_line(e))))
 
     if inspect.isgeneratorfunction(fn):  # gradio streams generator functions: keep it one
 

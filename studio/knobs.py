@@ -3,7 +3,8 @@
 The menu itself (core's method registry: every method, each followed by its presets, e.g. LLRD = full +
 TrainConfig.llrd_decay) and the form ids live in studio.actions, which has no Gradio. Every widget's value
 defaults to core's dataclass default (``actions.form_defaults``); its one-line help comes from the config
-dataclass field (``Cls.help()``); the units are added here.
+dataclass field (``help`` / ``help_zh`` in its metadata); labels with their units are locale entries
+``field.<name>`` (studio/locales).
 """
 
 from __future__ import annotations
@@ -13,40 +14,61 @@ from typing import Any, Literal, get_args, get_type_hints
 
 import gradio as gr
 
-from core.config import TrainConfig
+from core.config import DataConfig, TrainConfig
 from core.methods import spec
 
-from .actions import BY_KEY, ENTRIES, Entry, knob_id
+from .actions import BY_KEY, DATA_FORM, ENTRIES, TRAIN_FORM, Entry, knob_id
+from .i18n import T, help_key
 
-UNITS = {
-    "r": "rank", "alpha": "scale", "dropout": "probability", "bottleneck": "units", "num_virtual_tokens": "tokens",
-    "encoder_hidden": "units", "top_n": "blocks", "freeze_bottom": "blocks", "unfreeze_every": "steps or epochs",
-    "keep_ratio": "fraction of all parameters", "fisher_batches": "batches", "llrd_decay": "factor per block",
-    "lr": "per step", "epochs": "passes", "max_steps": "optimiser steps", "batch_size": "examples",
-    "grad_accum": "micro-batches", "max_len": "tokens", "warmup_steps": "steps", "weight_decay": "AdamW",
-    "max_grad_norm": "L2 norm", "eval_every": "steps", "save_every": "steps", "log_every": "steps", "seed": "",
-}
 CHOICES = {
     "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear"],
     "extra_modules": ["norm", "lm_head", "embed_tokens"],
 }
+#: A list field without CHOICES is a comma-separated text box; its help says so.
+COMMA = {"en": " Comma-separated.", "zh": "（逗号分隔）"}
 
 
-def _title(name: str) -> str:
-    text = name.replace("_", " ")
-    return text[0].upper() + text[1:]
+def shown_fields() -> list[tuple[type, str, dataclasses.Field]]:
+    """(config class, field name, field) of every config field the studio shows as a widget, once each."""
+    out, seen = [], set()
+    wanted = [(TrainConfig, n) for n in TRAIN_FORM] + [(DataConfig, n) for n in DATA_FORM if n != "path"]
+    for e in ENTRIES:
+        wanted += [(spec(e.method).config_cls, n) for n in e.fields]
+        wanted += [(TrainConfig, n) for n in e.train]
+    for cls, name in wanted:
+        if (cls, name) not in seen:
+            seen.add((cls, name))
+            out.append((cls, name, {x.name: x for x in dataclasses.fields(cls)}[name]))
+    return out
+
+
+def info_text(cls: type, name: str, lang: str) -> str:
+    """A field's one-line help in ``lang`` (metadata help / help_zh), with its allowed range for numbers."""
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    hint = get_type_hints(cls)[name]
+    text = f.metadata.get("help" if lang == "en" else f"help_{lang}", "")
+    if hint in (int, float) and hint is not bool:
+        lo, gt, hi = f.metadata.get("min"), f.metadata.get("gt"), f.metadata.get("max")
+        rng = ", ".join(r for r in (f"≥ {lo:g}" if lo is not None else "", f"> {gt:g}" if gt is not None else "",
+                                    f"≤ {hi:g}" if hi is not None else "") if r)
+        if rng:
+            text += f" ({rng})" if lang == "en" else f"（{rng}）"
+    if getattr(hint, "__origin__", None) is list and name not in CHOICES:
+        text += COMMA[lang]
+    return text
 
 
 def widget(cls: type, name: str, value: Any = dataclasses.MISSING, **kw: Any) -> gr.Component:
-    """A widget for one config field: number widgets for numbers, radio/dropdown for choices, with help + unit."""
+    """A widget for one config field: number widgets for numbers, radio/dropdown for choices, with help + unit.
+
+    The label is the locale entry ``field.<name>`` (its unit included); the help is the generated key
+    ``help.<Class>.<name>`` (studio.i18n: core's help / help_zh and the allowed range)."""
     f = {x.name: x for x in dataclasses.fields(cls)}[name]
     hint = get_type_hints(cls)[name]
     default = value if value is not dataclasses.MISSING else (
         f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     )
-    unit = UNITS.get(name, "")
-    label = _title(name) + (f" ({unit})" if unit else "")
-    info = f.metadata.get("help", "")
+    label, info = T(f"field.{name}"), T(help_key(cls, name))
     if getattr(hint, "__origin__", None) is Literal:
         choices = list(get_args(hint))
         if len(choices) <= 4:
@@ -56,17 +78,12 @@ def widget(cls: type, name: str, value: Any = dataclasses.MISSING, **kw: Any) ->
         return gr.Checkbox(value=default, label=label, info=info, **kw)
     if hint in (int, float):
         # No minimum/maximum on the widget: the config's own check names the field and the allowed range.
-        lo, gt, hi = f.metadata.get("min"), f.metadata.get("gt"), f.metadata.get("max")
-        rng = [f"≥ {lo:g}" if lo is not None else "", f"> {gt:g}" if gt is not None else "",
-               f"≤ {hi:g}" if hi is not None else ""]
-        rng = ", ".join(r for r in rng if r)
-        return gr.Number(value=default, label=label, info=f"{info} ({rng})" if rng else info,
-                         precision=0 if hint is int else None, **kw)
+        return gr.Number(value=default, label=label, info=info, precision=0 if hint is int else None, **kw)
     if getattr(hint, "__origin__", None) is list:
         if name in CHOICES:
             return gr.Dropdown(CHOICES[name], value=list(default), multiselect=True, allow_custom_value=True,
                                label=label, info=info, **kw)
-        return gr.Textbox(value=", ".join(default), label=label, info=info + " Comma-separated.", **kw)
+        return gr.Textbox(value=", ".join(default), label=label, info=info, **kw)
     if getattr(hint, "__origin__", None) is dict:  # name=value pairs; core's config parses and checks them
         text = ", ".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else str(default)
         return gr.Textbox(value=text, label=label, info=info, **kw)

@@ -24,11 +24,15 @@ _API_INFO = re.compile(rb"<script>window\.gradio_api_info = .*?;</script>", re.D
 _LOGGED_OUT = b'"auth_required":true'
 
 
-class HideApiInfoWhenLoggedOut:
-    """Pure ASGI middleware: buffers HTML page responses (not API, files or streams) and blanks the API info."""
+class HtmlPageRewriter:
+    """Pure ASGI middleware: buffers HTML page responses (not API, files or streams) and passes their body through
+    ``rewrite``; everything else streams through untouched."""
 
     def __init__(self, app):
         self.app = app
+
+    def rewrite(self, data: bytes) -> bytes:
+        return data
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -58,15 +62,22 @@ class HideApiInfoWhenLoggedOut:
                 body.extend(message.get("body", b""))
                 if message.get("more_body"):
                     return
-                data = bytes(body)
-                if _LOGGED_OUT in data:
-                    data = _API_INFO.sub(b"<script>window.gradio_api_info = null;</script>", data)
+                data = self.rewrite(bytes(body))
                 headers = [(k, v) for k, v in (start or {}).get("headers", []) if k.lower() != b"content-length"]
                 headers.append((b"content-length", str(len(data)).encode()))
                 await send({**(start or {"type": "http.response.start", "status": 200}), "headers": headers})
                 await send({"type": "http.response.body", "body": data})
 
         await self.app(scope, receive, capture)
+
+
+class HideApiInfoWhenLoggedOut(HtmlPageRewriter):
+    """Blanks the API info on pages rendered for a logged-out visitor."""
+
+    def rewrite(self, data: bytes) -> bytes:
+        if _LOGGED_OUT in data:
+            data = _API_INFO.sub(b"<script>window.gradio_api_info = null;</script>", data)
+        return data
 
 
 class LoginThrottle:

@@ -1,5 +1,5 @@
-"""build_app(ctx) -> gr.Blocks: a header (logo, base model) and seven tabs, each built by its own function in
-studio/tabs/ (LLaMA-Factory style: ``create_x_tab(ctx, shared) -> dict[str, Component]``, events wired at the
+"""build_app(ctx) -> gr.Blocks: a header (logo, base model, language switch) and seven tabs, each built by its own
+function in studio/tabs/ (LLaMA-Factory style: ``create_x_tab(ctx, shared) -> dict[str, Component]``, events wired at the
 bottom of each builder).
 
 ``shared`` holds the few components more than one tab uses: the base-model box, the session's dataset
@@ -20,6 +20,7 @@ from starlette.routing import Mount
 from .api import PREFIX as API_PREFIX
 from .api import WithParent, build_api
 from .context import StudioContext
+from .i18n import LANG_SWITCH_JS, PageLanguage, T, i18n
 from .security import HideApiInfoWhenLoggedOut, LoginThrottle, ThrottleLogins
 from .tabs.chat import create_chat_tab
 from .tabs.common import default_run, run_choices
@@ -43,7 +44,7 @@ def theme() -> gr.themes.Base:
 def _header() -> str:
     logo = LOGO_PATH.read_text(encoding="utf-8") if LOGO_PATH.exists() else ""
     return (f"<div class='ps-header'><div class='ps-logo'>{logo}</div><div><div class='ps-title'>PEFT Studio</div>"
-            "<div class='ps-subtitle'>Upload data → pick a method → watch it train → chat with the result</div>"
+            f"<div class='ps-subtitle'>{T('header.subtitle')}</div>"
             "</div></div>")
 
 
@@ -51,14 +52,15 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
     with gr.Blocks(title="PEFT Studio") as demo:
         with gr.Row(equal_height=True, elem_classes="ps-top"):
             gr.HTML(_header())
-            model = gr.Textbox(ctx.default_model, label="Base model",
-                               info="'default' = the bundled SmolLM2-135M-Instruct, or a Hugging Face id / local folder",
+            model = gr.Textbox(ctx.default_model, label=T("header.model"), info=T("header.model_info"),
                                elem_id="ps-model", scale=0, min_width=360)
+            switch = gr.Button(T("header.switch"), size="sm", scale=0, min_width=90, elem_id="ps-lang")
         shared: dict[str, Any] = {
             "model": model,
             "dataset": gr.State(None),
             "monitor_run": gr.State(None),  # the run this session started last; the Monitor follows it
             "apis": [],  # (fn, api_name) of API-only endpoints, registered after the tabs
+            "on_load": [],  # (fn, outputs) run when a page loads: texts only the server renders in its language
         }
         with gr.Tabs(selected="data") as tabs:
             shared["tabs"] = tabs
@@ -73,6 +75,9 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
 
         for fn, name in shared["apis"]:
             gr.api(fn, api_name=name)
+        for fn, outputs in shared["on_load"]:
+            demo.load(fn, None, outputs, api_visibility="private")
+        switch.click(None, js=LANG_SWITCH_JS)
         # A (re)loaded page re-attaches to the running job: the Monitor shows it at once.
         demo.load(lambda: gr.update(choices=run_choices(ctx), value=default_run(ctx)), None,
                   shared["monitor_tab"]["run"], api_visibility="private")
@@ -82,16 +87,20 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
 
 def launch_options(ctx: StudioContext, auth: tuple[str, str] | None = None,
                    throttle: LoginThrottle | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests): the theme, auth,
-    and the JSON API (studio.api) mounted at /api/v1 under the same auth. With auth, failed sign-ins on the page and
-    on the API are throttled per address by one LoginThrottle (``throttle``, default LoginThrottle())."""
+    """Keyword arguments for ``demo.launch`` that every entry point uses (app.py and the tests): the theme, the
+    translations, auth, and the JSON API (studio.api) mounted at /api/v1 under the same auth. Every page starts in
+    the language switch's choice (PageLanguage). With auth, failed sign-ins on the page and on the API are throttled
+    per address by one LoginThrottle (``throttle``, default LoginThrottle())."""
     throttle = throttle or LoginThrottle()
     app_kwargs: dict[str, Any] = {"routes": [Mount(API_PREFIX, app=WithParent(build_api(ctx, auth, throttle)))],
                                   "openapi_url": None}  # FastAPI's schema of gradio's routes: ours is at /api/v1
+    middleware = [Middleware(PageLanguage)]
     if auth:
-        app_kwargs["middleware"] = [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins, throttle=throttle)]
+        middleware += [Middleware(HideApiInfoWhenLoggedOut), Middleware(ThrottleLogins, throttle=throttle)]
+    app_kwargs["middleware"] = middleware
     return {
         "theme": theme(),
+        "i18n": i18n(),
         "css_paths": [CSS_PATH] if CSS_PATH.exists() else None,
         "auth": auth,
         "auth_message": "PEFT Studio: sign in with the user name and password given to --auth." if auth else None,

@@ -297,9 +297,11 @@ def test_runs_tab_shows_the_metrics_and_evaluate_updates_them(studio_run):
     ctx, run_id = studio_run
     run = ctx.store.get(run_id)
     assert run.eval_metrics["task_metric"] == "rouge_l"  # the end-of-run eval reached the registry
-    row = dict(zip(HEADERS, table(ctx)[0]))
-    assert row["task score"] == f"ROUGE-L {run.eval_metrics['rouge_l']:.3f}" and "tok acc" in row["held-out metrics"]
+    row = dict(zip(HEADERS, table(ctx)["data"][0]))
+    assert (row["runs.col.task_score"] == f"ROUGE-L {run.eval_metrics['rouge_l']:.3f}"
+            and "tok acc" in row["runs.col.metrics"])
     md, worst = evaluation_view(ctx, run_id)
+    worst = worst["data"]
     assert "ROUGE-L" in md and len(worst) == 3 and [w[3] for w in worst] == sorted(w[3] for w in worst)
 
     # Evaluate: a background worker process; the registry and the view follow

@@ -65,12 +65,23 @@ def client(app):
     return Client(app[1], verbose=False)
 
 
+def english(label) -> str:
+    """A component's label as the API describes it (a studio.i18n key) in English."""
+    from studio.i18n import table
+
+    if isinstance(label, dict) and "key" in label:
+        return table()["en"][label["key"]]
+    if isinstance(label, str) and label.startswith("__i18n__"):
+        return table()["en"][json.loads(label[len("__i18n__"):])["key"]]
+    return label
+
+
 def call(client: Client, api: str, overrides: dict | None = None, **kw):
     """Call an endpoint filling every parameter with its UI default, overriding some by component label."""
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api]
     args = []
     for p in info["parameters"]:
-        label = p.get("label") or ""
+        label = english(p.get("label") or "")
         if overrides and label in overrides:
             args.append(overrides[label])
         elif p["parameter_name"] in kw:
@@ -302,7 +313,7 @@ def applied(client) -> dict:
     got: dict = {}
     for r, value in zip(info["returns"], out):
         if not (isinstance(value, dict) and value.get("__type__") == "update"):
-            got.setdefault(r.get("label"), value)
+            got.setdefault(english(r.get("label")), value)
     return got
 
 
@@ -449,7 +460,7 @@ def test_runs_table_and_overlay(client, trained_run):
     assert row[0] == "quill lora" and row[2] == "lora" and row[4] == "completed"
     from studio.tabs.runs import HEADERS
 
-    assert row[HEADERS.index("adapter size")] != "—" and row[HEADERS.index("task score")] != "—"
+    assert row[HEADERS.index("runs.col.adapter_size")] != "—" and row[HEADERS.index("runs.col.task_score")] != "—"
     fig = client.predict([trained_run], False, api_name="/overlay")
     assert "quill lora" in fig["plot"]
 

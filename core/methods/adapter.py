@@ -46,11 +46,14 @@ FORMAT = "peft_studio.bottleneck_adapter"
 @dataclass
 class AdapterConfig(MethodConfig):
     method: ClassVar[str] = "adapter"
-    bottleneck: int = knob(16, "Bottleneck width r of x + W_up·act(W_down·x).", min=1)
+    bottleneck: int = knob(16, "Bottleneck width r of x + W_up·act(W_down·x).", min=1,
+                           help_zh="x + W_up·act(W_down·x) 的瓶颈宽度 r。")
     placement: Literal["houlsby", "pfeiffer", "attn"] = knob(
-        "houlsby", "houlsby: after attention and FFN; pfeiffer: after FFN only; attn: after attention only."
+        "houlsby", "houlsby: after attention and FFN; pfeiffer: after FFN only; attn: after attention only.",
+        help_zh="houlsby：注意力和 FFN 之后都加；pfeiffer：只在 FFN 之后；attn：只在注意力之后。",
     )
-    activation: Literal["relu", "gelu", "silu", "tanh"] = knob("relu", "Non-linearity inside the bottleneck.")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = knob("relu", "Non-linearity inside the bottleneck.",
+                                                               help_zh="瓶颈内部的非线性激活函数。")
 
 
 
@@ -182,5 +185,7 @@ class AdapterMethod(Method):
 register(MethodSpec(
     name="adapter", label="Adapter (bottleneck)", family="additive", lr=1e-3, goals=("multitask", "frozen_base"),
     blurb="x + W_up·act(W_down·x) inserted after attention and/or FFN; starts as the identity.",
+    label_zh="Adapter（瓶颈模块）",
+    blurb_zh="加性微调：在注意力和/或 FFN 之后插入 x + W_up·act(W_down·x)，初始为恒等映射。",
     config_cls=AdapterConfig, method_cls=AdapterMethod,
 ))

@@ -44,8 +44,10 @@ class BitFitConfig(MethodConfig):
     targets: list[str] = knob(
         ["all-linear"],
         "Linears whose bias is trained ('all-linear' or names like q_proj). Missing biases are added at zero.",
+        help_zh="训练哪些线性层的偏置（'all-linear' 或 q_proj 之类的名称）。缺少的偏置会以零补上。",
     )
-    train_norm_bias: bool = knob(True, "Also train existing LayerNorm biases (GPT-2 style models).")
+    train_norm_bias: bool = knob(True, "Also train existing LayerNorm biases (GPT-2 style models).",
+                                 help_zh="同时训练已有的 LayerNorm 偏置（GPT-2 类模型）。")
 
 
 
@@ -244,5 +246,7 @@ class BitFitMethod(Method):
 register(MethodSpec(
     name="bitfit", label="BitFit (bias terms only)", family="selective", lr=1e-3, goals=("smallest",),
     blurb="Only biases train; Llama-style linears without a bias get a zero-initialised one.",
+    label_zh="BitFit（只训练偏置项）",
+    blurb_zh="选择性微调：只训练偏置项；没有偏置的 Llama 式线性层会补上一个初始为零的偏置。",
     config_cls=BitFitConfig, method_cls=BitFitMethod,
 ))

@@ -94,15 +94,22 @@ INDICES, VALUES = ".indices", ".values"
 class DiffPruningConfig(MethodConfig):
     method: ClassVar[str] = "diff_pruning"
     sparsity: float = knob(
-        0.005, "Fraction of each targeted tensor's entries kept by the final projection (0.005: 1 in 200).", gt=0.0, max=1.0
+        0.005, "Fraction of each targeted tensor's entries kept by the final projection (0.005: 1 in 200).", gt=0.0, max=1.0,
+        help_zh="最终投影后每个目标张量保留的元素比例（0.005：两百个里留一个）。",
     )
-    l0_weight: float = knob(1e-6, "λ: weight of the expected-L0 penalty λ·Σσ(α − log(−l/r)) on the gates.", min=0.0)
-    alpha_init: float = knob(5.0, "Initial gate logit α (5: σ(α) ≈ 0.993, every gate starts open).", min=-20.0, max=20.0)
-    alpha_lr: float = knob(0.1, "Peak learning rate of the gate logits α (the run's lr trains the diff w).", gt=0.0, max=10.0)
-    targets: list[str] = knob(["all-linear"], "Linears that get a diff: names like q_proj, or 'all-linear'.")
-    structured: bool = knob(False, "Also one gate per tensor (structured diff pruning): z ← z · z_tensor.")
+    l0_weight: float = knob(1e-6, "λ: weight of the expected-L0 penalty λ·Σσ(α − log(−l/r)) on the gates.", min=0.0,
+                            help_zh="λ：门控上期望 L0 惩罚 λ·Σσ(α − log(−l/r)) 的权重。")
+    alpha_init: float = knob(5.0, "Initial gate logit α (5: σ(α) ≈ 0.993, every gate starts open).", min=-20.0, max=20.0,
+                             help_zh="门控 logit α 的初始值（5：σ(α) ≈ 0.993，所有门控一开始都打开）。")
+    alpha_lr: float = knob(0.1, "Peak learning rate of the gate logits α (the run's lr trains the diff w).", gt=0.0, max=10.0,
+                           help_zh="门控 logit α 的峰值学习率（本次训练的 lr 用于差分 w）。")
+    targets: list[str] = knob(["all-linear"], "Linears that get a diff: names like q_proj, or 'all-linear'.",
+                              help_zh="加差分的线性层：q_proj 之类的名称，或 'all-linear'。")
+    structured: bool = knob(False, "Also one gate per tensor (structured diff pruning): z ← z · z_tensor.",
+                            help_zh="每个张量再加一个门控（结构化 diff pruning）：z ← z · z_tensor。")
     fixed_mask_steps: int = knob(
-        0, "Steps at the end that train only the kept entries (the projection happens before them).", min=0
+        0, "Steps at the end that train only the kept entries (the projection happens before them).", min=0,
+        help_zh="最后只训练保留元素的步数（投影发生在这些步之前）。",
     )
 
 
@@ -508,5 +515,7 @@ register(MethodSpec(
     name="diff_pruning", label="Diff pruning (sparse L0 diff)", family="selective", lr=1e-4,
     prepares=True, goals=("smallest",),
     blurb="θ = θ₀ + z ⊙ w with hard-concrete gates z under an L0 penalty, projected to the top sparsity·n |z ⊙ w|.",
+    label_zh="Diff Pruning（稀疏 L0 差分）",
+    blurb_zh="选择性微调：θ = θ₀ + z ⊙ w，门控 z 服从 hard-concrete 分布并受 L0 惩罚，最后只保留 |z ⊙ w| 最大的 sparsity·n 个元素。",
     config_cls=DiffPruningConfig, method_cls=DiffPruningMethod,
 ))

@@ -72,10 +72,12 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
 @dataclass
 class FarConfig(MethodConfig):
     method: ClassVar[str] = "far"
-    retention: float = knob(0.1, "Fraction of each FFN's hidden units that train (the learners).", gt=0.0, max=1.0)
+    retention: float = knob(0.1, "Fraction of each FFN's hidden units that train (the learners).", gt=0.0, max=1.0,
+                            help_zh="每个 FFN 中参与训练的隐藏单元比例（学习者）。")
     priming_fraction: float = knob(
         0.1, "Priming steps of the whole FFNs, as a fraction of the run's steps (added before the run).", gt=0.0,
         max=1.0,
+        help_zh="预热整个 FFN 的步数，占本次训练步数的比例（加在训练之前）。",
     )
 
 
@@ -494,5 +496,7 @@ register(MethodSpec(
     trains_base=True, prepares=True, goals=("quick",),
     blurb="Prime the FFNs briefly, then train only the top retention of FFN units by weight change; the rest is "
           "reset, frozen and split off so backward skips their weight gradients. Merges back: no inference cost.",
+    label_zh="FAR（冻结并重构 FFN 单元）",
+    blurb_zh="选择性微调：先短暂预热整个 FFN，再按权重变化只训练比例为 retention 的 FFN 单元；其余单元重置、冻结并拆分出去，反向传播跳过它们的权重梯度。可合并回模型，推理无额外开销。",
     config_cls=FarConfig, method_cls=FarMethod,
 ))

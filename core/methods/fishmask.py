@@ -48,8 +48,10 @@ NO_MASK = (
 @dataclass
 class FishMaskConfig(MethodConfig):
     method: ClassVar[str] = "fishmask"
-    keep_ratio: float = knob(0.005, "Fraction of all parameters trained: the top-k by Fisher information.", gt=0.0, max=1.0)
-    fisher_batches: int = knob(8, "Batches used to estimate the Fisher information (squared gradients).", min=1)
+    keep_ratio: float = knob(0.005, "Fraction of all parameters trained: the top-k by Fisher information.", gt=0.0, max=1.0,
+                             help_zh="参与训练的参数占全部参数的比例：按 Fisher 信息取前 k 个。")
+    fisher_batches: int = knob(8, "Batches used to estimate the Fisher information (squared gradients).", min=1,
+                               help_zh="估计 Fisher 信息（平方梯度）所用的批次数。")
 
 
 
@@ -272,5 +274,7 @@ register(MethodSpec(
     name="fishmask", label="FishMask (top-k% by Fisher information)", family="selective", lr=1e-4,
     trains_base=True, prepares=True,
     blurb="Train the parameters with the largest squared gradients; every other gradient is masked.",
+    label_zh="FishMask（按 Fisher 信息取前 k%）",
+    blurb_zh="选择性微调：只训练平方梯度（Fisher 信息）最大的参数，其余梯度全部屏蔽。",
     config_cls=FishMaskConfig, method_cls=FishMaskMethod,
 ))

@@ -24,8 +24,9 @@ from .full import InPlaceMethod
 @dataclass
 class FreezeConfig(MethodConfig):
     method: ClassVar[str] = "freeze"
-    top_n: int = knob(2, "Train only the top N transformer blocks.", min=1)
-    extra_modules: list[str] = knob(["norm"], "Also train these top-level modules, e.g. 'norm', 'lm_head'.")
+    top_n: int = knob(2, "Train only the top N transformer blocks.", min=1, help_zh="只训练顶部 N 个 Transformer 层。")
+    extra_modules: list[str] = knob(["norm"], "Also train these top-level modules, e.g. 'norm', 'lm_head'.",
+                                    help_zh="同时训练这些顶层模块，例如 'norm'、'lm_head'。")
 
 
 
@@ -92,5 +93,7 @@ __all__ = ["FreezeMethod", "top_level_modules"]
 register(MethodSpec(
     name="freeze", label="Freeze (train the top N blocks)", family="selective", lr=1e-4, trains_base=True,
     blurb="Partial fine-tuning: only the top N blocks (and optional modules) train.",
+    label_zh="Freeze（只训练顶部 N 层）",
+    blurb_zh="冻结部分参数：只训练顶部 N 个 Transformer 层（以及可选的模块）。",
     config_cls=FreezeConfig, method_cls=FreezeMethod,
 ))

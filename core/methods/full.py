@@ -42,13 +42,15 @@ class FullConfig(MethodConfig):
     """Full fine-tuning. LLRD lives in TrainConfig.llrd_decay and applies here too."""
 
     method: ClassVar[str] = "full"
-    freeze_embeddings: bool = knob(False, "Keep the token (and position) embeddings frozen.")
-    freeze_bottom: int = knob(0, "Freeze the bottom K transformer blocks.", min=0)
-    freeze_modules: list[str] = knob([], "Also freeze modules whose name contains one of these (e.g. 'norm').")
+    freeze_embeddings: bool = knob(False, "Keep the token (and position) embeddings frozen.", help_zh="冻结词嵌入（以及位置嵌入）。")
+    freeze_bottom: int = knob(0, "Freeze the bottom K transformer blocks.", min=0, help_zh="冻结最底部的 K 个 Transformer 层。")
+    freeze_modules: list[str] = knob([], "Also freeze modules whose name contains one of these (e.g. 'norm').",
+                                     help_zh="同时冻结名称中包含这些字符串之一的模块（例如 'norm'）。")
     unfreeze_every: int = knob(
-        0, "Gradual unfreezing: start with top block + head, unfreeze one more block every k units (0 = off).", min=0
+        0, "Gradual unfreezing: start with top block + head, unfreeze one more block every k units (0 = off).", min=0,
+        help_zh="分层微调（逐步解冻）：先训练顶层和输出头，每 k 个单位再解冻一层（0 = 关闭）。",
     )
-    unfreeze_unit: Literal["steps", "epochs"] = knob("steps", "Unit of unfreeze_every.")
+    unfreeze_unit: Literal["steps", "epochs"] = knob("steps", "Unit of unfreeze_every.", help_zh="unfreeze_every 的单位。")
 
 
 
@@ -224,14 +226,20 @@ __all__ = ["FullMethod", "InPlaceMethod", "parameter_aliases"]
 register(MethodSpec(
     name="full", label="Full fine-tuning", family="full", lr=2e-5, trains_base=True, goals=("quality",),
     blurb="Every weight trains. Best with lots of data and memory; the result is a whole model.",
+    label_zh="全参数微调",
+    blurb_zh="所有权重都参与训练。适合数据多、显存充足的情况；产物是一个完整的模型。",
     config_cls=FullConfig, method_cls=FullMethod, fields=("freeze_embeddings", "freeze_bottom", "freeze_modules"),
     presets=(
         Preset("llrd", "LLRD (full + layer-wise lr decay)", lr=5e-5, fields=("freeze_embeddings",),
                train={"llrd_decay": 0.9},
                blurb="Full fine-tuning where block l gets lr·decay^(L−l−1): the top learns fastest, the bottom barely "
-                     "moves."),
+                     "moves.",
+               label_zh="学习率调度（LLRD：全参数 + 逐层学习率衰减）",
+               blurb_zh="全参数微调，第 l 层的学习率为 lr·decay^(L−l−1)：顶层学得最快，底层几乎不动。"),
         Preset("layerwise", "Layer-wise unfreezing (full, gradual)", lr=5e-5, fields=("unfreeze_every", "unfreeze_unit"),
                method={"unfreeze_every": 10},
-               blurb="Start with the top block + head, release one more block downward every k steps or epochs."),
+               blurb="Start with the top block + head, release one more block downward every k steps or epochs.",
+               label_zh="分层微调（全参数，逐步解冻）",
+               blurb_zh="从顶层（靠近输出）和输出头开始训练，每 k 步或 k 轮再向下解冻一层。"),
     ),
 ))

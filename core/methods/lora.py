@@ -45,11 +45,13 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 @dataclass
 class LoraConfig(MethodConfig):
     method: ClassVar[str] = "lora"
-    r: int = knob(8, "Rank of the update B·A.", min=1)
-    alpha: float = knob(16.0, "Scale: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).", gt=0.0)
-    dropout: float = knob(0.0, "Dropout on the LoRA input.", min=0.0, max=0.9)
-    targets: list[str] = knob(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.")
-    rslora: bool = knob(False, "Rank-stabilised scaling alpha/sqrt(r).")
+    r: int = knob(8, "Rank of the update B·A.", min=1, help_zh="更新矩阵 B·A 的秩。")
+    alpha: float = knob(16.0, "Scale: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).", gt=0.0,
+                        help_zh="缩放：更新乘以 alpha/r（rsLoRA 时为 alpha/sqrt(r)）。")
+    dropout: float = knob(0.0, "Dropout on the LoRA input.", min=0.0, max=0.9, help_zh="LoRA 输入上的 dropout。")
+    targets: list[str] = knob(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.",
+                              help_zh="要适配的模块名称，或 'all-linear'。")
+    rslora: bool = knob(False, "Rank-stabilised scaling alpha/sqrt(r).", help_zh="秩稳定缩放 alpha/sqrt(r)（rsLoRA）。")
 
 
 
@@ -275,5 +277,7 @@ class LoraMethod(Method):
 register(MethodSpec(
     name="lora", label="LoRA", family="reparameterised", lr=2e-4, goals=("quick", "frozen_base", "quality"),
     blurb="Low-rank update B·A beside each frozen weight: y = W₀x + (α/r)·B·A·x. Small, mergeable.",
+    label_zh="LoRA（低秩适配）",
+    blurb_zh="重参数化微调：在每个冻结权重旁路添加低秩更新 B·A：y = W₀x + (α/r)·B·A·x。体积小，可合并。",
     config_cls=LoraConfig, method_cls=LoraMethod,
 ))

@@ -34,9 +34,11 @@ LSTM_LAYERS = 2  # PEFT's encoder_num_layers default; fixed here
 @dataclass
 class PTuningConfig(MethodConfig):
     method: ClassVar[str] = "p_tuning"
-    num_virtual_tokens: int = knob(20, "Number m of virtual tokens produced by the prompt encoder.", min=1)
-    encoder_type: Literal["lstm", "mlp"] = knob("mlp", "Prompt encoder: BiLSTM followed by an MLP, or an MLP alone.")
-    encoder_hidden: int = knob(128, "Hidden size of the prompt encoder.", min=1)
+    num_virtual_tokens: int = knob(20, "Number m of virtual tokens produced by the prompt encoder.", min=1,
+                                   help_zh="提示编码器生成的虚拟 token 数 m。")
+    encoder_type: Literal["lstm", "mlp"] = knob("mlp", "Prompt encoder: BiLSTM followed by an MLP, or an MLP alone.",
+                                                help_zh="提示编码器：BiLSTM 接 MLP，或只用 MLP。")
+    encoder_hidden: int = knob(128, "Hidden size of the prompt encoder.", min=1, help_zh="提示编码器的隐藏层大小。")
 
 
 
@@ -96,5 +98,7 @@ class PTuningMethod(PromptMethod):
 register(MethodSpec(
     name="p_tuning", label="P-Tuning v1", family="additive", lr=1e-2, virtual_tokens=True,
     blurb="Input-layer virtual tokens produced by a prompt encoder (LSTM+MLP or MLP).",
+    label_zh="P-Tuning v1（提示编码器）",
+    blurb_zh="加性微调：输入层的虚拟 token 由提示编码器（LSTM+MLP 或 MLP）生成。",
     config_cls=PTuningConfig, method_cls=PTuningMethod,
 ))

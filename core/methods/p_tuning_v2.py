@@ -31,7 +31,7 @@ from .virtual_tokens import PrefixMethod, VirtualTable, adapter_placement, cache
 @dataclass
 class PTuningV2Config(MethodConfig):
     method: ClassVar[str] = "p_tuning_v2"
-    num_virtual_tokens: int = knob(20, "Deep prompt length in every layer.", min=1)
+    num_virtual_tokens: int = knob(20, "Deep prompt length in every layer.", min=1, help_zh="每一层深度提示的长度。")
 
 
 
@@ -67,5 +67,7 @@ register(MethodSpec(
     name="p_tuning_v2", label="P-Tuning v2 (deep prompts)", family="additive", lr=1e-2, virtual_tokens=True,
     goals=("smallest",),
     blurb="Prompts in every layer, trained directly (no reparameterisation).",
+    label_zh="P-Tuning v2（深度提示）",
+    blurb_zh="加性微调：每一层都有提示向量，直接训练（不做重参数化）。",
     config_cls=PTuningV2Config, method_cls=PTuningV2Method,
 ))

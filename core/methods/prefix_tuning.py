@@ -30,8 +30,9 @@ from .virtual_tokens import PrefixMethod, adapter_placement
 @dataclass
 class PrefixTuningConfig(MethodConfig):
     method: ClassVar[str] = "prefix_tuning"
-    num_virtual_tokens: int = knob(20, "Prefix length: key/value slots added in every layer.", min=1)
-    encoder_hidden: int = knob(512, "Hidden size of the reparameterising MLP.", min=1)
+    num_virtual_tokens: int = knob(20, "Prefix length: key/value slots added in every layer.", min=1,
+                                   help_zh="前缀长度：每一层增加的 key/value 位置数。")
+    encoder_hidden: int = knob(512, "Hidden size of the reparameterising MLP.", min=1, help_zh="重参数化 MLP 的隐藏层大小。")
 
 
 
@@ -73,5 +74,7 @@ register(MethodSpec(
     name="prefix_tuning", label="Prefix tuning", family="additive", lr=1e-2, virtual_tokens=True,
     goals=("smallest", "frozen_base"),
     blurb="Trainable key/value prefixes in every layer, produced by an MLP while training.",
+    label_zh="Prefix Tuning（前缀调控）",
+    blurb_zh="加性微调：每一层都有可训练的 key/value 前缀，训练时由 MLP 生成。",
     config_cls=PrefixTuningConfig, method_cls=PrefixTuningMethod,
 ))

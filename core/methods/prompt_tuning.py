@@ -34,9 +34,12 @@ from .virtual_tokens import PromptMethod, VirtualTable, adapter_placement
 @dataclass
 class PromptTuningConfig(MethodConfig):
     method: ClassVar[str] = "prompt_tuning"
-    num_virtual_tokens: int = knob(20, "Number m of soft tokens prepended to the input.", min=1)
-    init: Literal["random", "vocab", "text"] = knob("vocab", "Initialise from random noise, sampled vocabulary, or a text.")
-    init_text: str = knob("", "Text whose token embeddings initialise the prompt (init='text').")
+    num_virtual_tokens: int = knob(20, "Number m of soft tokens prepended to the input.", min=1,
+                                   help_zh="加在输入前面的软提示 token 数 m。")
+    init: Literal["random", "vocab", "text"] = knob("vocab", "Initialise from random noise, sampled vocabulary, or a text.",
+                                                    help_zh="初始化方式：随机噪声、从词表采样，或一段文本。")
+    init_text: str = knob("", "Text whose token embeddings initialise the prompt (init='text').",
+                          help_zh="用这段文本的 token 嵌入初始化提示（init='text' 时）。")
 
     def validate(self) -> None:
         if self.init == "text" and not self.init_text.strip():
@@ -104,5 +107,7 @@ register(MethodSpec(
     name="prompt_tuning", label="Prompt tuning", family="additive", lr=3e-2, needs_tokenizer=True,
     virtual_tokens=True, goals=("smallest", "frozen_base"),
     blurb="m trainable soft tokens in front of the input; the model itself is untouched.",
+    label_zh="Prompt Tuning（软提示）",
+    blurb_zh="加性微调：在输入前加 m 个可训练的软提示 token，模型本身不变。",
     config_cls=PromptTuningConfig, method_cls=PromptTuningMethod,
 ))

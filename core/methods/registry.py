@@ -4,6 +4,7 @@
         name="lora", label="LoRA", family="reparameterised", lr=2e-4,
         blurb="Low-rank update B·A beside each frozen weight: y = W₀x + (α/r)·B·A·x. Small, mergeable.",
         config_cls=LoraConfig, method_cls=LoraMethod, goals=("quick", "frozen_base"),
+        label_zh="LoRA（低秩适配）", blurb_zh="重参数化微调：在每个冻结权重旁路添加低秩更新 B·A ...",
     ))
 
 The CLI's flags, the studio's method menu and knobs, the advisor's choices, the memory estimate, the README's
@@ -14,6 +15,8 @@ never a method's name or config type.
 ``register`` checks that the parts agree: the config class and the method class name the same method, the
 method class accepts that config, the capability flags match what the class implements (``can_merge`` needs
 ``merge``/``unmerge``/``bake``; ``prepares`` needs ``prepare``), and presets only name fields the config has.
+The method and each preset carry their label and blurb in Chinese too (``label_zh``, ``blurb_zh``, in the seed
+notes' terms), for the studio's Chinese page.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Preset:
     lr: float  # suggested learning rate
     method: dict[str, Any] = field(default_factory=dict)  # method-config values this entry sets
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig values this entry sets (shown as knobs)
+    label_zh: str = ""  # label and blurb in Chinese, in the seed notes' terms (the studio's Chinese page)
+    blurb_zh: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class MethodSpec:
     goals: tuple[Goal, ...] = ()  # the advisor's goals this method serves (core.advisor.GOALS)
     fields: tuple[str, ...] | None = None  # knobs shown in the studio's main menu entry (None: every field)
     presets: tuple[Preset, ...] = ()  # extra studio menu entries over this method
+    label_zh: str = ""  # label and blurb in Chinese, in the seed notes' terms (全参数微调, 加性微调, ...)
+    blurb_zh: str = ""
 
     @property
     def can_merge(self) -> bool:
@@ -140,6 +147,10 @@ def register(spec: MethodSpec) -> MethodSpec:
         unknown = sorted(set(shown) - names)
         if unknown:
             raise ValueError(f"{where}: {spec.config_cls.__name__} has no field(s) {', '.join(unknown)}")
+    untranslated = [p.key if p else spec.name for p in (None, *spec.presets) if not (p or spec).label_zh
+                    or not (p or spec).blurb_zh]
+    if untranslated:
+        raise ValueError(f"{where}: {', '.join(untranslated)} lacks label_zh / blurb_zh (the studio's Chinese page)")
     taken = {p.key for s in _REGISTRY.values() if s.name != spec.name for p in s.presets} | set(_REGISTRY)
     clash = sorted({p.key for p in spec.presets} & (taken | {spec.name}))
     if clash:

@@ -10,6 +10,7 @@ import gradio as gr
 
 from .. import actions
 from ..format import esc, run_label, user_error
+from ..i18n import T
 from .common import finished_with_adapter
 
 SLOTS = 5  # base + 4 runs
@@ -20,40 +21,40 @@ def shown(history: list[dict]) -> list[dict]:
 
 
 def label(column) -> str:
-    """A column's heading: the run's name (or "Base model") in bold, then its method and knobs; as text."""
+    """A column's heading: the run's name (or the base model's label) in bold, then its method and knobs; as text."""
     head, _, rest = column.label.partition(" · ")
     return f"**{esc(head)}** · {esc(rest)}"
 
 
 def create_chat_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
-    with gr.Tab("Chat", id="chat") as tab:
+    with gr.Tab(T("tab.chat"), id="chat") as tab:
         with gr.Row(equal_height=True):
-            runs = gr.Dropdown([], multiselect=True, max_choices=4, label="Finished runs to compare (up to 4)", allow_custom_value=True,
+            runs = gr.Dropdown([], multiselect=True, max_choices=4, label=T("chat.runs"), allow_custom_value=True,
                                scale=4, elem_id="ps-chat-runs")
-            include_base = gr.Checkbox(True, label="Base model column", scale=1)
-        with gr.Accordion("Generation settings", open=False):
+            include_base = gr.Checkbox(True, label=T("chat.include_base"), scale=1)
+        with gr.Accordion(T("chat.settings"), open=False):
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
-                                        info="0 = greedy (always the most likely token).")
-                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", info="Nucleus sampling mass.")
-                max_new = gr.Number(128, precision=0, minimum=1, maximum=4096, label="Max new tokens (tokens)")
-                merged = gr.Radio(["unmerged", "merged"], value="unmerged", label="LoRA weights",
-                                  info="Merged folds B·A into W for the request: compare the latency.")
-            system = gr.Textbox(label="System prompt", placeholder="Empty = the chat template's default", lines=2)
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label=T("chat.temperature"),
+                                        info=T("chat.temperature_info"))
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label=T("chat.top_p"), info=T("chat.top_p_info"))
+                max_new = gr.Number(128, precision=0, minimum=1, maximum=4096, label=T("chat.max_new"))
+                merged = gr.Radio([(T("chat.unmerged"), "unmerged"), (T("chat.merged"), "merged")], value="unmerged",
+                                  label=T("chat.lora_weights"), info=T("chat.lora_weights_info"))
+            system = gr.Textbox(label=T("chat.system"), placeholder=T("chat.system_placeholder"), lines=2)
         labels, bots, latencies, cols = [], [], [], []
         with gr.Row(equal_height=False):
             for i in range(SLOTS):
                 with gr.Column(visible=i == 0, min_width=240) as col:
-                    labels.append(gr.Markdown("**Base model**" if i == 0 else "", elem_classes="ps-col-label"))
+                    labels.append(gr.Markdown(T("chat.base_heading") if i == 0 else "", elem_classes="ps-col-label"))
                     bots.append(gr.Chatbot([], render_markdown=False, height=380, show_label=False,
                                            elem_id=f"ps-chat-{i}", elem_classes="ps-chatbot", feedback_options=None))
                     latencies.append(gr.Markdown("", elem_classes="ps-latency", elem_id=f"ps-latency-{i}"))
                 cols.append(col)
         with gr.Row():
-            msg = gr.Textbox(placeholder="Message every column… (Enter to send)", show_label=False, scale=6,
+            msg = gr.Textbox(placeholder=T("chat.placeholder"), show_label=False, scale=6,
                              elem_id="ps-chat-input", max_lines=6)
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="ps-chat-send")
-            clear = gr.Button("Clear", scale=1)
+            send = gr.Button(T("chat.send"), variant="primary", scale=1, elem_id="ps-chat-send")
+            clear = gr.Button(T("chat.clear"), scale=1)
         notice = gr.Markdown(elem_id="ps-chat-notice")
         histories = gr.State({})
         pending = gr.State(None)

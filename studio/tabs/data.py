@@ -14,101 +14,97 @@ from core.data import DataError
 from .. import actions, charts
 from ..datasets import EXTENSIONS
 from ..format import esc, log
+from ..i18n import T, choice, t
 from ..knobs import widget
+from ..messages import localize
 
-INTRO = (
-    "Upload a dataset (**.json** array, **.jsonl** with one object per line, **.csv** or **.parquet**) or start "
-    "from a bundled sample. "
-    "Supported formats are detected from the field names: instruction (`instruction`, `input`, `output`), "
-    "conversation (`messages` or ShareGPT `conversations`), QA (`question`, `answer`), classification "
-    "(`text`, `label`) and plain text (`text`). The `identity_sample.json` sample teaches the model a new name "
-    "you can check in the Chat tab."
-)
+def issue_table(rows: list | None = None) -> dict:
+    """The skipped-rows table in the user's language: headers, and each reason translated (studio.messages)."""
+    return {"headers": [t("data.issues.row"), t("data.issues.reason")],
+            "data": [[row, localize(reason)] for row, reason in (rows or [])]}
 
 
 def preview_html(dataset: dict | None, index: int | float | None) -> str:
     """The example rendered through the chat template; trained tokens highlighted. Every piece is HTML-escaped."""
     if not dataset or not dataset.get("previews"):
-        return "<div class='ps-preview ps-muted'>Load a dataset to see how its examples are rendered.</div>"
+        return f"<div class='ps-preview ps-muted'>{T('data.preview_empty')}</div>"
     previews = dataset["previews"]
     i = min(max(int(index or 1), 1), len(previews)) - 1
     spans = "".join(
         f"<span class='{'ps-trained' if trained else 'ps-masked'}'>{esc(text)}</span>" for text, trained in previews[i]
     )
-    legend = ("<div class='ps-legend'><span class='ps-trained'>trained (the loss is computed here)</span> "
-              "<span class='ps-masked'>masked (prompt, template)</span> "
-              f"<span class='ps-muted'>example {i + 1} of the first {len(previews)}</span></div>")
+    legend = (f"<div class='ps-legend'><span class='ps-trained'>{t('data.legend.trained')}</span> "
+              f"<span class='ps-masked'>{t('data.legend.masked')}</span> "
+              f"<span class='ps-muted'>{t('data.legend.example', i=i + 1, n=len(previews))}</span></div>")
     return f"{legend}<pre class='ps-preview'>{spans}</pre>"
 
 
 def summary_md(d: dict) -> str:
     s = d["stats"]
     lines = [
-        f"✓ **{esc(d['name'])}** — detected format **{d['format']}**: {d['valid_rows']:,} of {d['total_rows']:,} rows "
-        f"valid, {d['total_rows'] - d['valid_rows']:,} skipped.",
-        f"Tokens per example: min {s['min']}, median {s['p50']}, p90 {s['p90']}, max {s['max']} · "
-        f"{s['supervised_tokens']:,} trained tokens in total.",
+        t("data.summary", name=esc(d["name"]), format=choice("format", d["format"]), valid=f"{d['valid_rows']:,}",
+          total=f"{d['total_rows']:,}", skipped=f"{d['total_rows'] - d['valid_rows']:,}"),
+        t("data.tokens", min=s["min"], p50=s["p50"], p90=s["p90"], max=s["max"], trained=f"{s['supervised_tokens']:,}"),
     ]
     if d["n_truncated"]:
-        lines.append(f"⚠ {d['n_truncated']} rows are longer than max_len = {d['max_len']} tokens and will be truncated.")
+        lines.append(t("data.truncated", n=d["n_truncated"], max_len=d["max_len"]))
     return "  \n".join(lines)
 
 
 def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     samples = list(ctx.samples())
     defaults = actions.form_defaults()  # TrainConfig.max_len, DataConfig.val_fraction / val_count
-    with gr.Tab("Data", id="data"):
-        gr.Markdown(INTRO, elem_classes="ps-intro")
+    with gr.Tab(T("tab.data"), id="data"):
+        gr.Markdown(T("data.intro"), elem_classes="ps-intro")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
-                upload = gr.File(label="Upload .json / .jsonl / .csv / .parquet", file_types=list(EXTENSIONS),
+                upload = gr.File(label=T("data.upload"), file_types=list(EXTENSIONS),
                                  type="filepath",
                                  height=140, elem_id="ps-upload")
                 with gr.Row():
                     sample = gr.Dropdown(samples, value="identity_sample.json" if "identity_sample.json" in samples
-                                         else (samples[0] if samples else None), label="…or a bundled sample", scale=3)
-                    use_sample = gr.Button("Use sample", variant="secondary", scale=1, elem_id="ps-use-sample")
+                                         else (samples[0] if samples else None), label=T("data.sample"), scale=3)
+                    use_sample = gr.Button(T("data.use_sample"), variant="secondary", scale=1, elem_id="ps-use-sample")
                 fields = widget(DataConfig, "fields", elem_id="ps-fields")
-                max_len = gr.Number(defaults["train.max_len"], precision=0, minimum=8, maximum=131072, label="Max length (tokens)",
-                                    info="Examples longer than this are truncated (training uses the same value).")
+                max_len = gr.Number(defaults["train.max_len"], precision=0, minimum=8, maximum=131072,
+                                    label=T("data.max_len"), info=T("data.max_len_info"))
                 with gr.Row():
-                    val_fraction = gr.Number(defaults["data.val_fraction"], minimum=0, maximum=0.5, step=0.05, label="Validation fraction",
-                                             info="Share of examples held out for the eval loss (0–0.5).")
-                    val_count = gr.Number(defaults["data.val_count"], precision=0, minimum=0, label="…or exactly (examples)",
-                                          info="Hold out this many instead (0 = use the fraction).")
+                    val_fraction = gr.Number(defaults["data.val_fraction"], minimum=0, maximum=0.5, step=0.05,
+                                             label=T("data.val_fraction"), info=T("data.val_fraction_info"))
+                    val_count = gr.Number(defaults["data.val_count"], precision=0, minimum=0, label=T("data.val_count"),
+                                          info=T("data.val_count_info"))
             with gr.Column(scale=3, min_width=360):
-                status = gr.Markdown("No dataset loaded yet.", elem_id="ps-data-status")
+                status = gr.Markdown(T("data.none_loaded"), elem_id="ps-data-status")
                 issues = gr.Dataframe(headers=["row", "reason"], datatype=["number", "str"], value=[],
-                                      label="Rows that will be skipped (row number and reason)", interactive=False,
+                                      label=T("data.issues"), interactive=False,
                                       max_height=220, wrap=True)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                index = gr.Number(1, precision=0, minimum=1, label="Preview example #", elem_id="ps-preview-index")
+                index = gr.Number(1, precision=0, minimum=1, label=T("data.preview_index"), elem_id="ps-preview-index")
                 preview = gr.HTML(preview_html(None, 1), elem_id="ps-preview")
             with gr.Column(scale=2):
-                hist = gr.Plot(charts.empty("Token lengths", "Load a dataset"), label="Token lengths", elem_id="ps-hist")
+                hist = gr.Plot(None, label=T("data.hist"), elem_id="ps-hist")
 
     dataset = shared["dataset"]
     outputs = [dataset, status, issues, preview, hist, index]
 
     def shown(d: dict) -> dict:
-        return {dataset: d, status: summary_md(d), issues: d["issues"][:500], preview: preview_html(d, 1),
+        return {dataset: d, status: summary_md(d), issues: issue_table(d["issues"][:500]), preview: preview_html(d, 1),
                 hist: charts.length_histogram(d["lengths"], d["max_len"]), index: 1}
 
     def refused(message: str, current: dict | None) -> dict:
         """A file that cannot be used: say why; the dataset loaded before stays selected, nothing else changes."""
-        keep = (f"  \nThe previously loaded dataset **{esc(current['name'])}** is still selected."
-                if current else "")
+        keep = "  \n" + t("data.still_selected", name=esc(current["name"])) if current else ""
         return {status: f"✗ {message}{keep}"}
 
     def load(inspect_it, name: str, current: dict | None) -> dict:
         try:
             return shown(inspect_it())
         except DataError as e:
-            return refused(esc(e), current)
+            return refused(esc(localize(e)), current)
         except Exception as e:  # noqa: BLE001 - never a traceback in the UI
             log.exception("dataset %s could not be loaded", name)
-            return refused(f"{esc(name)} could not be loaded: {esc(str(e)[:200])}", current)
+            return refused(t("data.could_not_load", name=esc(name), detail=esc(localize(str(e)[:200]))), current)
 
     def on_upload(file_path, model, max_len_tokens, current, mapping):
         """Validate an uploaded file; a bad file leaves the current dataset and every run untouched."""
@@ -123,6 +119,8 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     upload.upload(on_upload, [upload, shared["model"], max_len, dataset, fields], outputs, api_name="upload_dataset")
     use_sample.click(on_sample, [sample, shared["model"], max_len, dataset, fields], outputs, api_name="use_sample")
     index.change(preview_html, [dataset, index], preview, api_visibility="private", show_progress="hidden")
+    # texts a page can only get from the server, in its language: the table's headers, the empty chart
+    shared["on_load"].append((lambda: (issue_table(), charts.length_histogram([])), [issues, hist]))
     return {"upload": upload, "sample": sample, "use_sample": use_sample, "max_len": max_len, "fields": fields,
             "val_fraction": val_fraction, "val_count": val_count, "status": status, "issues": issues,
             "preview": preview, "hist": hist, "index": index}

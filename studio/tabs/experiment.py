@@ -12,9 +12,14 @@ import pandas as pd
 
 from .. import charts, sweeps
 from ..format import esc, user_error
+from ..i18n import T, choice, method_key, t
 
 POLL_S = 2.0
-MODES = ("Several methods", "One method's knob values")
+MODES = ("methods", "knob")  # several methods, or one method's knob values
+
+
+def method_choices() -> list[tuple]:
+    return [(T(method_key(name, "label")), name) for _, name in sweeps.method_choices()]
 
 
 def cell_text(v: Any, best: bool) -> str:
@@ -27,11 +32,12 @@ def cell_text(v: Any, best: bool) -> str:
 def styled(view: dict[str, Any] | None):
     """The leaderboard as a pandas Styler: numbers stay numbers (the table sorts them); the best cell of each
     column shows a star and a highlight."""
+    names = {h: choice("board", col) for h, col in sweeps.TABLE}  # headers in the page's language
     if view is None:
-        return pd.DataFrame(columns=[h for h, _ in sweeps.TABLE])
-    t = sweeps.leaderboard_table(view)
-    df = pd.DataFrame(t["rows"], columns=t["headers"])
-    best = t["best"]
+        return pd.DataFrame(columns=list(names.values()))
+    table = sweeps.leaderboard_table(view)
+    df = pd.DataFrame(table["rows"], columns=[names[h] for h in table["headers"]])
+    best = {names[h]: v for h, v in table["best"].items()}
     styler = df.style
     for col in df.columns:
         styler = styler.format(lambda v, c=col: cell_text(v, c in best and v == best[c]), subset=[col])
@@ -39,38 +45,56 @@ def styled(view: dict[str, Any] | None):
     return styler.apply(lambda s: [mark if s.name in best and v == best[s.name] else "" for v in s], axis=0)
 
 
+def verdict_text(view: dict[str, Any]) -> str:
+    """The advisor's pick against the measurement (core.leaderboard.verdict), in the page's language."""
+    v = view["verdict"]
+    label = t(method_key(v["recommended"], "label"))
+    if v["agreed"] is None:
+        return t("experiment.v.none", label=label)
+    best = next((r for r in view["rows"] if r.get("run") == v["best_run"]), {})
+    by = f"{best.get('task_metric', '')} {best.get('task_score') or 0:.4f}"
+    if v["agreed"]:
+        return t("experiment.v.agree", label=label, run=v["best_run"], by=by)
+    if v["recommended"] not in {r.get("method") for r in view["rows"]}:
+        return t("experiment.v.absent", label=label, run=v["best_run"], by=by)
+    return t("experiment.v.disagree", label=label, run=v["best_run"], by=by)
+
+
 def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
-    with gr.Tab("Experiment", id="experiment") as tab:
-        gr.Markdown("Compare methods on your data: every run gets the same split, seed and number of optimiser "
-                    "steps. Each method trains with its own suggested learning rate.")
+    with gr.Tab(T("tab.experiment"), id="experiment") as tab:
+        gr.Markdown(T("experiment.intro"))
         with gr.Row(equal_height=True):
-            dataset = gr.Dropdown(sweeps.dataset_choices(ctx), label="Dataset", elem_id="ps-exp-data", scale=3)
-            mode = gr.Radio(list(MODES), value=MODES[0], label="Compare", elem_id="ps-exp-mode", scale=2)
-        methods = gr.CheckboxGroup(sweeps.method_choices(), value=["lora", "bitfit"], label="Methods",
+            dataset = gr.Dropdown(sweeps.dataset_choices(ctx), label=T("experiment.dataset"), elem_id="ps-exp-data",
+                                  scale=3)
+            mode = gr.Radio([(T("experiment.mode.methods"), MODES[0]), (T("experiment.mode.knob"), MODES[1])],
+                            value=MODES[0], label=T("experiment.compare"), elem_id="ps-exp-mode", scale=2)
+        methods = gr.CheckboxGroup(method_choices(), value=["lora", "bitfit"], label=T("experiment.methods"),
                                    elem_id="ps-exp-methods")
         with gr.Row(visible=False) as knob_row:
-            method = gr.Dropdown(sweeps.method_choices(), value="lora", label="Method", elem_id="ps-exp-method")
-            knob = gr.Dropdown(sweeps.knobs_of("lora"), value="r", label="Knob", elem_id="ps-exp-knob")
-            values = gr.Textbox("4,8,16", label="Values (comma-separated)", elem_id="ps-exp-values")
+            method = gr.Dropdown(method_choices(), value="lora", label=T("experiment.method"),
+                                 elem_id="ps-exp-method")
+            knob = gr.Dropdown(sweeps.knobs_of("lora"), value="r", label=T("experiment.knob"), elem_id="ps-exp-knob")
+            values = gr.Textbox("4,8,16", label=T("experiment.values"), elem_id="ps-exp-values")
         with gr.Row(equal_height=True):
-            steps = gr.Number(sweeps.DEFAULT_STEPS, precision=0, minimum=1, label="Optimiser steps per run (steps)",
+            steps = gr.Number(sweeps.DEFAULT_STEPS, precision=0, minimum=1, label=T("experiment.steps"),
                               elem_id="ps-exp-steps")
-            seed = gr.Number(42, precision=0, minimum=0, label="Seed", elem_id="ps-exp-seed")
-            name = gr.Textbox(label="Experiment name", placeholder="optional", max_lines=1, elem_id="ps-exp-name")
-            start = gr.Button("Start experiment", variant="primary", elem_id="ps-exp-start")
+            seed = gr.Number(42, precision=0, minimum=0, label=T("field.seed"), elem_id="ps-exp-seed")
+            name = gr.Textbox(label=T("experiment.name"), placeholder=T("experiment.name_placeholder"), max_lines=1,
+                              elem_id="ps-exp-name")
+            start = gr.Button(T("experiment.start"), variant="primary", elem_id="ps-exp-start")
         message = gr.Markdown(elem_id="ps-exp-message")
         with gr.Row(equal_height=True):
-            current = gr.Dropdown(sweeps.experiments(ctx), label="Experiment", elem_id="ps-exp-current",
+            current = gr.Dropdown(sweeps.experiments(ctx), label=T("experiment.current"), elem_id="ps-exp-current",
                                   allow_custom_value=True, scale=3)
             csv_btn = gr.DownloadButton("results.csv", elem_id="ps-exp-csv", scale=0, min_width=140, interactive=False)
             html_btn = gr.DownloadButton("report.html", elem_id="ps-exp-html", scale=0, min_width=140,
                                          interactive=False)
-            to_chat = gr.Button("Open the top two in Chat", elem_id="ps-exp-chat", scale=0, min_width=200)
+            to_chat = gr.Button(T("experiment.to_chat"), elem_id="ps-exp-chat", scale=0, min_width=200)
         advice = gr.Markdown(elem_id="ps-exp-advice")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 board = gr.Dataframe(styled(None), interactive=False, wrap=True, elem_id="ps-exp-board",
-                                     label="Leaderboard (★ best in column; click a header to sort)")
+                                     label=T("experiment.board"))
             with gr.Column(scale=2):
                 curves = gr.Plot(charts.overlay_figure([]), show_label=False, elem_id="ps-exp-curves")
         seen = gr.State(None)
@@ -91,8 +115,8 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
         else:
             form["methods"] = methods or []
         started = sweeps.start_experiment(ctx, form)
-        text = (f"Queued **{esc(started['name'])}**: {len(started['runs'])} runs "
-                f"({esc(', '.join(r['label'] for r in started['runs']))}).")
+        text = t("experiment.queued", name=esc(started["name"]), n=len(started["runs"]),
+                 runs=esc(", ".join(r["label"] for r in started["runs"])))
         return text, gr.update(choices=sweeps.experiments(ctx), value=started["id"]), None
 
     def refresh(sweep_id, last):
@@ -110,8 +134,8 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
             files = sweeps.experiment_files(ctx, sweep_id)
             csv_up = gr.update(value=files["csv"], interactive=True)
             html_up = gr.update(value=files["html"], interactive=True)
-        state = "all runs ended" if view["done"] else "runs still queued or training"
-        text = f"**Advisor vs measurement** ({state}): {esc(view['verdict']['text'])}"
+        state = t("experiment.all_ended") if view["done"] else t("experiment.still_running")
+        text = t("experiment.verdict", state=state, verdict=esc(verdict_text(view)))
         return text, styled(view), charts.overlay_figure(view["curves"]), csv_up, html_up, key
 
     def on_tab():
@@ -125,6 +149,7 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
     current.change(user_error(refresh), [current, seen], outputs, api_visibility="private")
     timer.tick(user_error(refresh), [current, seen], outputs, api_visibility="private")
     tab.select(on_tab, None, dataset, api_visibility="private")
+    shared["on_load"].append((lambda: styled(None), [board]))
     return {"dataset": dataset, "mode": mode, "methods": methods, "start": start, "current": current,
             "board": board, "curves": curves, "advice": advice, "to_chat": to_chat, "message": message}
 

@@ -13,6 +13,8 @@ import gradio as gr
 
 from .. import actions, charts
 from ..format import duration, esc, loss
+from ..i18n import T, choice, t
+from ..messages import localize
 from ..metrics import log_tail, summarize
 from .common import default_run, run_choices, safe_get
 
@@ -22,26 +24,26 @@ STATUS_COLORS = {"queued": "#64748b", "running": "#4f46e5", "completed": "#16a34
 
 def progress_html(run, s: dict, position: int | None) -> str:
     if run is None:
-        return "<div class='ps-progress ps-muted'>No run selected. Start one in the Train tab.</div>"
+        return f"<div class='ps-progress ps-muted'>{T('monitor.no_run')}</div>"
     step, total = s.get("steps") or 0, s.get("total_steps") or run.total_steps or 0
     pct = 100.0 * step / total if total else 0.0
     color = STATUS_COLORS.get(run.status, "#64748b")
-    badge = f"<span class='ps-badge' style='background:{color}'>{esc(run.status)}</span>"
+    badge = f"<span class='ps-badge' style='background:{color}'>{esc(choice('status', run.status))}</span>"
     if run.status == "queued":
-        detail = f"waiting in the queue, position {position}" if position else "waiting to start"
+        detail = t("monitor.queued_at", position=position) if position else t("monitor.waiting")
     else:
-        parts = [f"step <b>{step}</b> / {total or '?'}", f"{pct:.0f}%",
-                 f"elapsed {duration(s.get('elapsed_s') if run.active else run.duration_s)}"]
+        parts = [t("monitor.step", step=step, total=total or "?"), f"{pct:.0f}%",
+                 t("monitor.elapsed", time=duration(s.get("elapsed_s") if run.active else run.duration_s))]
         if run.status == "running":
-            parts.append(f"ETA {duration(s.get('eta_s'))}")
+            parts.append(t("monitor.eta", time=duration(s.get("eta_s"))))
         if s.get("tokens_per_s"):
-            parts.append(f"{s['tokens_per_s']:.0f} tokens/s")
+            parts.append(t("monitor.tokens_per_s", n=f"{s['tokens_per_s']:.0f}"))
         detail = " · ".join(parts)
     bar = f"<div class='ps-bar'><div class='ps-bar-fill' style='width:{pct:.1f}%;background:{color}'></div></div>"
     reason = ""
     if run.reason and not run.active:
         cls = "ps-reason-bad" if run.status in ("failed", "interrupted") else "ps-reason"
-        reason = f"<div class='{cls}'>{esc(run.reason)}</div>"
+        reason = f"<div class='{cls}'>{esc(localize(run.reason))}</div>"
     return (f"<div class='ps-progress' data-status='{esc(run.status)}' data-step='{step}'>"
             f"<div class='ps-progress-head'>{badge} <b>{esc(run.name)}</b> <span class='ps-muted'>{esc(run.method)} · "
             f"{esc(run.model)}</span></div>{bar}<div class='ps-progress-detail'>{detail}</div>{reason}</div>")
@@ -50,31 +52,38 @@ def progress_html(run, s: dict, position: int | None) -> str:
 def stats_md(run, s: dict) -> str:
     if run is None:
         return ""
-    items = [f"**train loss** {loss(s.get('final_loss'))}", f"**eval loss** {loss(s.get('final_eval_loss'))}"]
+    items = [t("monitor.train_loss", loss=loss(s.get("final_loss"))),
+             t("monitor.eval_loss", loss=loss(s.get("final_eval_loss")))]
     if s.get("trainable"):
-        items.append(f"**trainable** {s['trainable']:,} of {s.get('total_params') or 0:,} "
-                     f"({100 * s['trainable'] / max(1, s.get('total_params') or 1):.3g}%)")
+        items.append(t("monitor.trainable", trainable=f"{s['trainable']:,}", total=f"{s.get('total_params') or 0:,}",
+                       percent=f"{100 * s['trainable'] / max(1, s.get('total_params') or 1):.3g}"))
     if s.get("epoch") is not None:
-        items.append(f"**epoch** {s['epoch']:.2f}")
+        items.append(t("monitor.epoch", epoch=f"{s['epoch']:.2f}"))
     return " · ".join(items)
 
 
+def empty_charts() -> tuple:
+    """The four charts before any run, titled in the page's language."""
+    return tuple(charts.empty(t(k), t("chart.no_run")) for k in ("chart.loss", "chart.grad", "chart.lr_groups",
+                                                                  "chart.lr_depth"))
+
+
 def create_monitor_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
-    with gr.Tab("Monitor", id="monitor") as tab:
+    with gr.Tab(T("tab.monitor"), id="monitor") as tab:
         with gr.Row(equal_height=True):
-            run_dd = gr.Dropdown(run_choices(ctx), label="Run", elem_id="ps-monitor-run", allow_custom_value=True,
-                                 scale=3)
-            log_scale = gr.Checkbox(False, label="Log-scale loss", scale=0, min_width=140)
-            stop = gr.Button("Stop this run", variant="stop", size="sm", scale=0, min_width=140)
+            run_dd = gr.Dropdown(run_choices(ctx), label=T("monitor.run"), elem_id="ps-monitor-run",
+                                 allow_custom_value=True, scale=3)
+            log_scale = gr.Checkbox(False, label=T("monitor.log_scale"), scale=0, min_width=140)
+            stop = gr.Button(T("monitor.stop"), variant="stop", size="sm", scale=0, min_width=140)
         progress = gr.HTML(progress_html(None, {}, None), elem_id="ps-progress")
         stats = gr.Markdown(elem_id="ps-stats")
         with gr.Row():
-            loss_plot = gr.Plot(charts.empty("Loss", "No run yet"), elem_id="ps-loss", show_label=False)
-            heat = gr.Plot(charts.empty("Gradient norm per block", "No run yet"), elem_id="ps-heat", show_label=False)
+            loss_plot = gr.Plot(None, elem_id="ps-loss", show_label=False)
+            heat = gr.Plot(None, elem_id="ps-heat", show_label=False)
         with gr.Row():
-            lr_plot = gr.Plot(charts.empty("Learning rate by group", "No run yet"), elem_id="ps-lr", show_label=False)
-            depth_plot = gr.Plot(charts.empty("Current lr by depth", "No run yet"), elem_id="ps-depth", show_label=False)
-        log_box = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, interactive=False, autoscroll=True,
+            lr_plot = gr.Plot(None, elem_id="ps-lr", show_label=False)
+            depth_plot = gr.Plot(None, elem_id="ps-depth", show_label=False)
+        log_box = gr.Textbox(label=T("monitor.log"), lines=12, max_lines=12, interactive=False, autoscroll=True,
                              elem_id="ps-log")
         seen = gr.State(None)
         fresh = gr.State(None)  # an empty "seen": forces a full redraw
@@ -84,7 +93,9 @@ def create_monitor_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         """One refresh. Plots are skipped unless the run, the scale or the number of events changed."""
         run = safe_get(ctx, run_id)
         if run is None:
-            return progress_html(None, {}, None), "", *[gr.skip()] * 4, "", last
+            if last == "empty":
+                return progress_html(None, {}, None), "", *[gr.skip()] * 4, "", last
+            return progress_html(None, {}, None), "", *empty_charts(), "", "empty"
         events = ctx.metrics.events(run.dir)
         s = summarize(events)
         pos = ctx.jobs.position(run.id) if run.status == "queued" else None
@@ -99,7 +110,9 @@ def create_monitor_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     timer.tick(tick, [run_dd, log_scale, seen], outputs, show_progress="hidden", api_visibility="private")
     run_dd.change(tick, [run_dd, log_scale, fresh], outputs, show_progress="hidden", api_name="monitor")
     log_scale.change(tick, [run_dd, log_scale, seen], outputs, show_progress="hidden", api_visibility="private")
-    stop.click(lambda rid: esc(actions.stop_run(ctx, rid)) if rid else "", run_dd, stats, api_visibility="private")
+    stop.click(lambda rid: esc(localize(actions.stop_run(ctx, rid))) if rid else "", run_dd, stats,
+               api_visibility="private")
+    shared["on_load"].append((empty_charts, [loss_plot, heat, lr_plot, depth_plot]))
     shared["monitor_run"].change(lambda rid: gr.update(choices=run_choices(ctx), value=rid) if rid else gr.skip(),
                                  shared["monitor_run"], run_dd, api_visibility="private")
     tab.select(lambda cur: gr.update(choices=run_choices(ctx), value=cur or default_run(ctx)), run_dd, run_dd,

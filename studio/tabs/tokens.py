@@ -10,46 +10,49 @@ import gradio as gr
 
 from .. import tokens
 from ..format import esc, user_error
+from ..i18n import T, t
 
-HEADERS = ["id", "name", "created", "last used", "state"]
+HEADERS = ("tokens.col.id", "tokens.col.name", "tokens.col.created", "tokens.col.last_used", "tokens.col.state")
 
 
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
+def _when(when: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else t("tokens.never")
 
 
 def token_rows(ctx) -> list[list[str]]:
     return [[r["id"], r["name"], _when(r["created"]), _when(r["last_used"]),
-             "revoked" if r["revoked"] else "valid"] for r in tokens.listing(ctx.store)]
+             t("tokens.revoked") if r["revoked"] else t("tokens.valid")] for r in tokens.listing(ctx.store)]
+
+
+def token_table(ctx) -> dict[str, list]:
+    """The tokens table, headers in the page's language."""
+    return {"headers": [t(h) for h in HEADERS], "data": token_rows(ctx)}
 
 
 def create_tokens_panel(ctx, tab: gr.Tab) -> dict[str, gr.Component]:
     """The panel, inside ``tab``; its table is read again whenever the tab is opened."""
-    with gr.Accordion("API tokens (for scripts)", open=False, elem_id="ps-tokens"):
-        gr.Markdown("Scripts call the HTTP API (`/api/v1`, docs at `/api/v1/docs`) with "
-                    "`Authorization: Bearer <token>`. A token is shown once, when it is created; only its hash is "
-                    "kept.")
+    with gr.Accordion(T("tokens.title"), open=False, elem_id="ps-tokens"):
+        gr.Markdown(T("tokens.intro"))
         with gr.Row():
-            name = gr.Textbox(label="Token name", placeholder="e.g. nightly-ci", max_length=80, scale=2)
-            create = gr.Button("Create token", elem_id="ps-token-create", scale=1)
-        shown = gr.Textbox(label="New token (copy it now)", interactive=False, buttons=["copy"],
-                           elem_id="ps-token-new")
-        table = gr.Dataframe(headers=HEADERS, value=token_rows(ctx), interactive=False,
-                             elem_id="ps-tokens-table")
+            name = gr.Textbox(label=T("tokens.name"), placeholder=T("tokens.name_placeholder"), max_length=80,
+                              scale=2)
+            create = gr.Button(T("tokens.create"), elem_id="ps-token-create", scale=1)
+        shown = gr.Textbox(label=T("tokens.new"), interactive=False, buttons=["copy"], elem_id="ps-token-new")
+        table = gr.Dataframe(value=lambda: token_table(ctx), interactive=False, elem_id="ps-tokens-table")
         with gr.Row():
-            which = gr.Textbox(label="Token id to revoke", max_length=16, scale=2)
-            revoke = gr.Button("Revoke", variant="stop", elem_id="ps-token-revoke", scale=1)
+            which = gr.Textbox(label=T("tokens.which"), max_length=16, scale=2)
+            revoke = gr.Button(T("tokens.revoke"), variant="stop", elem_id="ps-token-revoke", scale=1)
         message = gr.Markdown(elem_id="ps-token-message")
 
     def on_create(token_name: str):
-        t = tokens.create(ctx.store, token_name)
-        return t["token"], token_rows(ctx), f"Created token **{esc(t['id'])}** ({esc(t['name'])})."
+        new = tokens.create(ctx.store, token_name)
+        return new["token"], token_table(ctx), t("tokens.created", id=esc(new["id"]), name=esc(new["name"]))
 
     def on_revoke(token_id: str):
         revoked = tokens.revoke(ctx.store, token_id)
-        return "", token_rows(ctx), f"Revoked token **{esc(token_id.strip())}** ({esc(revoked)})."
+        return "", token_table(ctx), t("tokens.revoked_msg", id=esc(token_id.strip()), name=esc(revoked))
 
-    tab.select(lambda: token_rows(ctx), None, table, api_visibility="private")
+    tab.select(lambda: token_table(ctx), None, table, api_visibility="private")
     create.click(user_error(on_create), name, [shown, table, message], api_name="create_token")
     revoke.click(user_error(on_revoke), which, [shown, table, message], api_name="revoke_token")
     return {"token_name": name, "token_new": shown, "tokens_table": table, "token_revoke": which}

@@ -17,55 +17,57 @@ from core.config import TrainConfig
 
 from .. import actions
 from ..actions import (BY_KEY, DEFAULT_ENTRY, ENTRIES, PARAM_IDS, TRAIN_ADVANCED, TRAIN_MAIN, detect_hardware,
-                       param_name)
+                       entry_for, param_name)
 from ..format import esc, user_error
+from ..i18n import T, goal_key, hardware_key, lang, method_key, t
 from ..knobs import entry_widgets, widget
+from ..messages import localize
 
 
 def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     columns: dict[str, gr.Column] = {}
     knobs: dict[str, gr.Component] = {}  # form id -> widget, e.g. "lora.r"
     train_widgets: dict[str, gr.Component] = {}  # form id -> widget, e.g. "train.lr"
-    with gr.Tab("Train", id="train"):
+    with gr.Tab(T("tab.train"), id="train"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=380):
                 with gr.Row():
-                    name = gr.Textbox(label="Run name", placeholder="e.g. quill-lora (optional)", max_length=80, scale=2)
-                    method = gr.Dropdown([(e.label, e.key) for e in ENTRIES], value=DEFAULT_ENTRY, label="Method",
-                                         scale=3, elem_id="ps-method")
-                blurb = gr.Markdown(BY_KEY[DEFAULT_ENTRY].blurb, elem_classes="ps-blurb")
+                    name = gr.Textbox(label=T("train.name"), placeholder=T("train.name_placeholder"), max_length=80,
+                                      scale=2)
+                    method = gr.Dropdown([(T(method_key(e.key, "label")), e.key) for e in ENTRIES],
+                                         value=DEFAULT_ENTRY, label=T("train.method"), scale=3, elem_id="ps-method")
+                blurb = gr.Markdown(T(method_key(DEFAULT_ENTRY, "blurb")), elem_classes="ps-blurb")
                 for entry in ENTRIES:
                     with gr.Column(visible=entry.key == DEFAULT_ENTRY, elem_classes="ps-knobs") as col:
                         with gr.Row(equal_height=False):
                             knobs.update(entry_widgets(entry, min_width=170))
                     columns[entry.key] = col
-                gr.Markdown("#### Hyperparameters")
+                gr.Markdown(T("train.hyperparameters"))
                 with gr.Row():  # every value is TrainConfig's default: the same run as the CLI's
                     for n in TRAIN_MAIN[:4]:
                         train_widgets[f"train.{n}"] = widget(TrainConfig, n, elem_id=f"ps-train-{n}")
                 with gr.Row():
                     for n in TRAIN_MAIN[4:]:
                         train_widgets[f"train.{n}"] = widget(TrainConfig, n, elem_id=f"ps-train-{n}")
-                with gr.Accordion("Advanced", open=False):
+                with gr.Accordion(T("train.advanced"), open=False):
                     with gr.Row():
                         for n in TRAIN_ADVANCED:
                             train_widgets[f"train.{n}"] = widget(TrainConfig, n, elem_id=f"ps-train-{n}")
             with gr.Column(scale=2, min_width=300):
-                estimate = gr.Markdown("Press **Check** to count the trainable parameters and estimate memory.",
-                                       elem_id="ps-estimate")
-                check = gr.Button("Check configuration", variant="secondary")
+                estimate = gr.Markdown(T("train.estimate_hint"), elem_id="ps-estimate")
+                check = gr.Button(T("train.check"), variant="secondary")
                 with gr.Row():
-                    start = gr.Button("Start training", variant="primary", elem_id="ps-start")
-                    stop = gr.Button("Stop", variant="stop", elem_id="ps-stop")
+                    start = gr.Button(T("train.start"), variant="primary", elem_id="ps-start")
+                    stop = gr.Button(T("train.stop"), variant="stop", elem_id="ps-stop")
                 status = gr.Markdown("", elem_id="ps-train-status")
-                with gr.Accordion("Not sure which method? Ask the advisor", open=False, elem_id="ps-advisor"):
-                    rows = gr.Number(1000, precision=0, minimum=0, label="Training examples (rows)",
-                                     info="Filled in from the loaded dataset.")
-                    hardware = gr.Radio([(v, k) for k, v in HARDWARE.items()], value=detect_hardware(), label="Hardware")
-                    goal = gr.Radio([(v, k) for k, v in GOALS.items()], value="quick", label="Goal")
-                    advise = gr.Button("Recommend")
+                with gr.Accordion(T("train.advisor"), open=False, elem_id="ps-advisor"):
+                    rows = gr.Number(1000, precision=0, minimum=0, label=T("train.rows"), info=T("train.rows_info"))
+                    hardware = gr.Radio([(T(hardware_key(k)), k) for k in HARDWARE], value=detect_hardware(),
+                                        label=T("train.hardware"))
+                    goal = gr.Radio([(T(goal_key(k)), k) for k in GOALS], value="quick", label=T("train.goal"))
+                    advise = gr.Button(T("train.recommend"))
                     advice_md = gr.Markdown(elem_id="ps-advice")
-                    apply = gr.Button("Apply this recommendation", visible=False, elem_id="ps-apply-advice")
+                    apply = gr.Button(T("train.apply_advice"), visible=False, elem_id="ps-apply-advice")
                     advice_state = gr.State(None)
 
     dataset, model = shared["dataset"], shared["model"]
@@ -91,37 +93,40 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         try:
             return actions.check(ctx, values(data), data["dataset"])["markdown"]
         except ValueError as e:
-            return f"✗ {esc(e)}"
+            return f"✗ {esc(localize(e))}"
 
     def on_start(**data) -> dict:
         """Validate everything, then queue the run. Problems come back as one sentence; nothing is started."""
         if not data["dataset"]:
-            return {status: "✗ Load a dataset in the **Data** tab first."}
+            return {status: "✗ " + t("train.need_dataset")}
         try:
             run = actions.start_run(ctx, values(data), data["dataset"])
         except ValueError as e:
-            return {status: f"✗ {esc(e)}"}
+            return {status: f"✗ {esc(localize(e))}"}
         est = run["estimate"]
-        where = f"waiting in the queue (position {run['position']})" if run["position"] else "starting"
-        msg = (f"✓ **{esc(run['name'])}** is {where}. {est['trainable']:,} of {est['total']:,} parameters train "
-               f"({est['percent']:.3g}%). Watch it in the **Monitor** tab.")
+        where = t("train.queued_at", position=run["position"]) if run["position"] else t("train.starting")
+        msg = t("train.started", name=esc(run["name"]), where=where, trainable=f"{est['trainable']:,}",
+                total=f"{est['total']:,}", percent=f"{est['percent']:.3g}")
         return {status: msg, shared["monitor_run"]: run["id"], shared["tabs"]: gr.Tabs(selected="monitor"),
                 estimate: est["markdown"]}
 
     def on_stop(current):
-        return esc(actions.stop_run(ctx, current))
+        return esc(localize(actions.stop_run(ctx, current)))
 
     def shown(key: str) -> dict:
         """Show one entry's knobs, its blurb and its suggested learning rate."""
-        entry = BY_KEY[key]
-        return {**{col: gr.update(visible=k == key) for k, col in columns.items()}, blurb: entry.blurb,
-                train_widgets["train.lr"]: entry.lr}
+        entry = actions.BY_KEY[key]
+        return {**{col: gr.update(visible=k == key) for k, col in columns.items()},
+                blurb: t(method_key(key, "blurb")), train_widgets["train.lr"]: entry.lr}
 
     def on_advise(rows, hardware, goal):  # named like their widgets, for the API
         a = actions.advise(int(rows or 0), hardware, goal)
-        text = f"**Recommended: {esc(a['label'])}**\n\n" + "\n".join(f"- {esc(r)}" for r in a["reasons"])
-        if a["alternatives"]:
-            text += "\n\nAlso worth a try: " + ", ".join(esc(x) for x in a["alternatives"])
+        label = t(method_key(entry_for(a["method"], a["method_config"], a["train"]), "label"))
+        reasons = a["reasons_zh"] if lang() == "zh" else a["reasons"]
+        text = t("train.recommended", label=esc(label)) + "\n\n" + "\n".join(f"- {esc(r)}" for r in reasons)
+        if a["alternative_methods"]:
+            also = ", ".join(esc(t(method_key(m, "label"))) for m in a["alternative_methods"])
+            text += "\n\n" + t("train.also_try", methods=also)
         return text, gr.update(visible=True), a
 
     def on_apply(advice) -> dict:
