@@ -38,7 +38,7 @@ def create_tokens_panel(ctx, tab: gr.Tab) -> dict[str, gr.Component]:
                               scale=2)
             create = gr.Button(T("tokens.create"), elem_id="ps-token-create", scale=1)
         shown = gr.Textbox(label=T("tokens.new"), interactive=False, buttons=["copy"], elem_id="ps-token-new")
-        table = gr.Dataframe(value=lambda: token_table(ctx), interactive=False, elem_id="ps-tokens-table")
+        table = gr.Dataframe(interactive=False, elem_id="ps-tokens-table")  # filled when the tab opens
         with gr.Row():
             which = gr.Textbox(label=T("tokens.which"), max_length=16, scale=2)
             revoke = gr.Button(T("tokens.revoke"), variant="stop", elem_id="ps-token-revoke", scale=1)
