@@ -71,8 +71,9 @@ def test_experiment_leaderboard_fills_and_opens_chat(page, studio, tmp_path):  #
     # ---- the two best runs side by side in Chat ----------------------------------------------------------------
     page.locator("#ps-exp-chat").click()
     page.locator("#ps-chat-2").wait_for(state="visible", timeout=30_000)  # base + two runs
+    page.locator(".ps-col-label", has_text="three-").first.wait_for(timeout=30_000)
     labels = page.locator(".ps-col-label").all_inner_texts()
-    runs = [lab for lab in labels if lab.startswith("three-")]
+    runs = list(dict.fromkeys(lab for lab in labels if lab.startswith("three-")))  # wrapper and text: same label
     assert len(runs) == 2, labels
     from studio.sweeps import experiments, top_runs
 

@@ -5,10 +5,13 @@ Monitor, the Runs table and a chat with the adapter, and every screen's own text
 English words appears outside what the user or the model wrote (the data preview, the chat answers, the worker's
 log). The header's switch turns the page English and the choice survives a reload.
 
-Screenshots of the Train tab in both languages go to assets/screenshots/ (train_zh.png, train_en.png).
+Screenshots of the Train tab in both languages go to test-artifacts/ (train_zh.png, train_en.png); with
+PEFT_STUDIO_UPDATE_SCREENSHOT=1 they replace the README's in assets/screenshots/.
 """
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,16 @@ from test_browser import CHROMIUM, ROOT, studio, wait_text  # noqa: F401 - studi
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 SCREENSHOTS = ROOT / "assets" / "screenshots"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def train_shot(page, name: str) -> None:
+    """The Train tab's screenshot in test-artifacts/; with PEFT_STUDIO_UPDATE_SCREENSHOT=1 also in assets/."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    if os.environ.get("PEFT_STUDIO_UPDATE_SCREENSHOT"):
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ARTIFACTS / name, SCREENSHOTS / name)
 TABS_ZH = ["数据", "训练", "监控", "运行记录", "对话", "导出"]
 TABS_EN = ["Data", "Train", "Monitor", "Runs", "Chat", "Export"]
 #: what the user or the model wrote, and gradio's own footer: not the studio's text
@@ -109,8 +122,7 @@ def test_a_chinese_browser_from_the_sample_to_a_chat(browser, studio, tmp_path):
     page.get_by_role("button", name="检查配置").click()
     page.locator("#ps-estimate").get_by_text("可训练参数").wait_for(timeout=60_000)
     assert_no_english(page, "Train")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "train_zh.png"), full_page=True)
+    train_shot(page, "train_zh.png")
     page.locator("#ps-start").click()
 
     # Monitor
@@ -163,8 +175,7 @@ def test_the_switch_changes_the_language_and_survives_a_reload(browser, studio):
     tab(page, "Train")
     page.get_by_role("button", name="Check configuration").click()
     page.locator("#ps-estimate").get_by_text("Trainable parameters").wait_for(timeout=60_000)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "train_en.png"), full_page=True)
+    train_shot(page, "train_en.png")
     # and back: Chinese again, also after a reload
     page.locator("#ps-lang").click()
     page.get_by_role("tab", name="训练").wait_for(timeout=30_000)
