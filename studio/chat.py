@@ -10,11 +10,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from core.generate import AdapterBank, GenerationSettings, stream
 
+from .cores import CoreShare
 from .i18n import t
 from .messages import localize
 
@@ -39,7 +43,8 @@ class Reply:
 class ChatService:
     """Shared by all sessions; requests are served one at a time (a CPU has no room for two at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cores: CoreShare | None = None) -> None:
+        self.cores = cores or CoreShare()  # a reply on the CPU takes its share of the cores while it streams
         self._bank: AdapterBank | None = None
         self._model_name: str | None = None
         self._mtimes: dict[str, float] = {}
@@ -68,8 +73,12 @@ class ChatService:
         """Stream each column's answer to its own history (a list of {role, content}, ending with the user)."""
         with self._lock:
             bank = self._ensure(model_name)
-            for i, (col, messages) in enumerate(zip(columns, histories)):
-                yield from self._one(bank, i, col, messages, settings, merged)
+            on_cpu = next(bank.model.parameters()).device.type == "cpu"
+            with self.cores.held("chat") if on_cpu else nullcontext(0) as threads:
+                if threads:
+                    torch.set_num_threads(threads)
+                for i, (col, messages) in enumerate(zip(columns, histories)):
+                    yield from self._one(bank, i, col, messages, settings, merged)
 
     def _one(self, bank, i, col, messages, settings, merged) -> Iterator[Reply]:
         try:
