@@ -1,7 +1,8 @@
 """`make bench [QUICK=1]`: every case, ours vs transformers.Trainer + peft, each side in its own process.
 
 Writes bench/results.json and prints the token-length histogram of the data, a markdown table of the training
-cases and one of chat generation (bench/generation.py). QUICK=1 uses fewer examples and shorter replies (fits
+cases, one of chat generation (bench/generation.py) and one of a training step while the studio chats
+(bench/contention.py). The machine line lists the CPU's vector/matrix flags (AVX2, AVX-512, AMX). QUICK=1 uses fewer examples and shorter replies (fits
 15 min on 2 CPU cores).
 """
 
@@ -28,7 +29,10 @@ def machine() -> str:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     import os
 
-    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}"
+    from core.models import cpu_flags
+
+    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4"))))
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()} [{flags}], torch {torch.__version__}"
 
 
 def run_side(case: str, side: str, quick: bool) -> dict:
@@ -90,11 +94,24 @@ def generation_table(g: dict) -> str:
     return "\n".join(rows)
 
 
+def contention_table(c: dict) -> str:
+    rows = [f"| training step while the studio chats ({c['cores']} cores) | step s | slowdown | chat tokens/s |",
+            "|---|---|---|---|"]
+    for key, label in (("alone", "no chat"), ("shared", "chat, cores split (studio.cores)"),
+                       ("naive", "chat, every core on both sides")):
+        p = c[key]
+        slow = "" if key == "alone" else f"{c[f'slowdown_{key}_pct']:+.0f}%"
+        rate = f"{p['chat_tokens_per_s']:.1f}" if p["chat_tokens_per_s"] else "-"
+        rows.append(f"| {label} | {p['step_s']:.2f} | {slow} | {rate} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="fewer examples; fits 15 min on 2 CPU cores")
     ap.add_argument("--cases", nargs="*", default=[c.name for c in CASES])
     ap.add_argument("--no-generation", action="store_true", help="skip the chat generation timing")
+    ap.add_argument("--no-contention", action="store_true", help="skip chat-while-training (bench/contention.py)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "cases": []}
@@ -116,6 +133,9 @@ def main() -> None:
     if not args.no_generation:
         results["generation"] = _run([sys.executable, "-m", "bench.generation"], args.quick, "generation")
         OUT.write_text(json.dumps(results, indent=2))
+    if not args.no_contention:
+        results["contention"] = _run([sys.executable, "-m", "bench.contention"], args.quick, "contention")
+        OUT.write_text(json.dumps(results, indent=2))
     results["total_s"] = time.perf_counter() - t_start
     OUT.write_text(json.dumps(results, indent=2))
     print(f"\nMachine: {results['machine']} ({results['date']}{', quick' if args.quick else ''}; "
@@ -124,6 +144,9 @@ def main() -> None:
     if "generation" in results:
         print()
         print(generation_table(results["generation"]))
+    if "contention" in results:
+        print()
+        print(contention_table(results["contention"]))
 
 
 if __name__ == "__main__":
