@@ -145,3 +145,44 @@ def test_a_chat_reply_holds_a_share_while_it_streams(tmp_path, tiny_model_dir):
                                   settings)]
     assert during and all(d == (1, 1) for d in during)  # the run and the reply: one core each
     assert int((tmp_path / "run" / THREADS_FILE).read_text()) == 2  # the run gets its core back
+
+
+def test_chat_decoding_runs_ahead_of_a_slow_page():
+    """studio.chat.ahead: the reply decodes in its own thread; a slow consumer (the page) gets several tokens
+    per update, the concatenation is the whole reply, and closing it early stops the decoding."""
+    import time
+
+    from studio.chat import ahead
+
+    made: list[str] = []
+
+    def tokens(n=40, every_s=0.005):
+        for k in range(n):
+            time.sleep(every_s)
+            made.append(f"t{k} ")
+            yield f"t{k} "
+
+    chunks = []
+    for chunk in ahead(tokens()):
+        chunks.append(chunk)
+        time.sleep(0.03)  # the page: slower than decoding
+    assert "".join(chunks) == "".join(f"t{k} " for k in range(40))
+    assert len(chunks) < 20  # coalesced: far fewer updates than tokens
+
+    made.clear()
+    it = ahead(tokens(n=1000, every_s=0.002))
+    next(it)
+    it.close()  # the user left: decoding stops after its current token
+    stopped_at = len(made)
+    time.sleep(0.05)
+    assert len(made) == stopped_at < 1000
+
+    def broken():
+        yield "a"
+        raise ValueError("the prompt is empty")
+
+    got = []
+    with pytest.raises(ValueError, match="prompt is empty"):
+        for chunk in ahead(broken()):
+            got.append(chunk)
+    assert got == ["a"]  # what was decoded before the error is still shown

@@ -69,7 +69,8 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                     advice_md = gr.Markdown(elem_id="ps-advice")
                     apply = gr.Button(T("train.apply_advice"), visible=False, elem_id="ps-apply-advice")
                     advice_state = gr.State(None)
-    suggested = gr.State(None)  # the last first-run suggestion put into the form (studio.first_run)
+        # Inside the tab: a component made directly under gr.Tabs shifts the tab labels after it.
+        suggested = gr.State(None)  # the last first-run suggestion put into the form (studio.first_run)
 
     dataset, model = shared["dataset"], shared["model"]
     data_w = shared["data_tab"]
