@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import ARTIFACTS, page, shot, studio, tab, wait_text  # noqa: F401 - pytest fixtures shared with that file
+from test_browser import ARTIFACTS, page, shot, studio, tab, wait_text  # noqa: F401 - shared pytest fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 METHODS = ("lora", "bitfit", "prefix_tuning")

@@ -173,8 +173,8 @@ def test_sweeps_link_runs_and_an_older_registry_gains_the_column(tmp_path):
     db = sqlite3.connect(data / "studio.sqlite3")  # a registry from before experiments: no sweep column/table
     db.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, model TEXT NOT NULL DEFAULT '', "
                "method TEXT NOT NULL DEFAULT '', status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', pid INTEGER, "
-               "device TEXT NOT NULL DEFAULT '', created REAL NOT NULL, started REAL, finished REAL, trainable INTEGER, "
-               "total_params INTEGER, final_loss REAL, final_eval_loss REAL, steps INTEGER, total_steps INTEGER, "
+               "device TEXT NOT NULL DEFAULT '', created REAL NOT NULL, started REAL, finished REAL, "
+               "trainable INTEGER, total_params INTEGER, final_loss REAL, final_eval_loss REAL, steps INTEGER, total_steps INTEGER, "
                "resume INTEGER NOT NULL DEFAULT 0, queued_at REAL, config TEXT NOT NULL DEFAULT '{}')")
     db.commit()
     db.close()
