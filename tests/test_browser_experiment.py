@@ -14,6 +14,12 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 METHODS = ("lora", "bitfit", "prefix_tuning")
 
 
+def view_rows(ctx) -> list[dict]:
+    from studio.sweeps import experiment_view, experiments
+
+    return experiment_view(ctx, experiments(ctx)[0][1])["rows"]
+
+
 def board_text(page) -> str:
     return page.locator("#ps-exp-board").first.inner_text()
 
@@ -53,6 +59,15 @@ def test_experiment_leaderboard_fills_and_opens_chat(page, studio, tmp_path):  #
     for m in METHODS:
         assert m in text
     assert "rouge_l" in text  # QA's task metric
+    # ---- sortable: the header menu sorts by the numbers, not their text ---------------------------------------
+    by_trainable = sorted(METHODS, key=lambda m: next(r["trainable"] for r in view_rows(ctx) if r["method"] == m))
+    for order, expected in (("Sort ascending", by_trainable[0]), ("Sort descending", by_trainable[-1])):
+        header = page.locator("#ps-exp-board th", has_text="trainable params").first
+        header.hover()
+        header.get_by_role("button", name="Open cell menu").click(force=True)
+        page.get_by_text(order).first.click()
+        page.wait_for_timeout(800)
+        assert board_text(page).split("can merge")[-1].split()[0] == expected, order
     page.locator("#ps-exp-curves .js-plotly-plot").wait_for(timeout=20_000)
     traces = page.evaluate("() => document.querySelector('#ps-exp-curves .js-plotly-plot').data.length")
     assert traces >= len(METHODS)
@@ -71,8 +86,9 @@ def test_experiment_leaderboard_fills_and_opens_chat(page, studio, tmp_path):  #
     # ---- the two best runs side by side in Chat ----------------------------------------------------------------
     page.locator("#ps-exp-chat").click()
     page.locator("#ps-chat-2").wait_for(state="visible", timeout=30_000)  # base + two runs
+    page.locator(".ps-col-label", has_text="three-").first.wait_for(timeout=30_000)
     labels = page.locator(".ps-col-label").all_inner_texts()
-    runs = [lab for lab in labels if lab.startswith("three-")]
+    runs = list(dict.fromkeys(lab for lab in labels if lab.startswith("three-")))  # wrapper and text: same label
     assert len(runs) == 2, labels
     from studio.sweeps import experiments, top_runs
 
