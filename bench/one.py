@@ -33,11 +33,12 @@ def main() -> None:
         work = Path(tmp)
         n = case.quick_examples if args.quick else case.full_examples
         train_file, val_file = write_split(work / "data", n)
+        epochs = 1 if args.quick else case.full_epochs
         if args.side == "ours":
-            result = ours.run(case, model, tokenizer, train_file, val_file, work, device)
+            result = ours.run(case, model, tokenizer, train_file, val_file, work, device, epochs)
         else:
             result = peer.run(case, model, tokenizer, train_file, val_file, work, device,
-                              grouped=args.side == "peer-grouped")
+                              grouped=args.side == "peer-grouped", epochs=epochs)
         if device.type == "cuda":
             flops = model_flops(encode_file(train_file, tokenizer), n_params, cfg.num_hidden_layers, cfg.hidden_size)
             result["mfu"] = mfu(flops, result["wall_s"])

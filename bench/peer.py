@@ -100,7 +100,7 @@ def eval_loss(model, examples, collator, device) -> float:
 
 
 def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device,
-        grouped: bool = False) -> dict:
+        grouped: bool = False, epochs: int = 1) -> dict:
     """Timed like ours (the whole of core.train.train): tokenise, wrap, train, save the adapter.
 
     ``grouped``: the Trainer's strongest standard setting, batches of similar lengths (its LengthGroupedSampler,
@@ -112,11 +112,11 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
     train = encode_file(train_file, tokenizer)
     model = peft.get_peft_model(model, peft_config(case, model))
     start_from(model, init, case)
-    order = range(len(train)) if grouped else our_batch_order(train, device)
+    order = range(len(train)) if grouped else our_batch_order(train, device, epochs)  # every epoch's batches
     ds = Rows([features(train[i]) for i in order])
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     args = TrainingArguments(
-        output_dir=str(work / "peer"), per_device_train_batch_size=BATCH, num_train_epochs=1,
+        output_dir=str(work / "peer"), per_device_train_batch_size=BATCH, num_train_epochs=epochs if grouped else 1,
         learning_rate=case.lr, lr_scheduler_type="linear", warmup_steps=0, seed=SEED, report_to="none",
         save_strategy="no", logging_steps=10, disable_tqdm=True, use_cpu=device.type == "cpu",
         # our batches in our order (see our_batch_order), or the Trainer's own length grouping
