@@ -80,7 +80,7 @@ def page_side(new_tokens: int, tokenizer) -> tuple[list[dict], str]:
         for i in range(REPEATS + 1):
             client.predict(api_name="/chat_clear")
             t0 = time.perf_counter()
-            client.predict(text=PROMPT, run_ids=[], include_base=True, api_name="/chat_send")
+            client.predict(text=PROMPT, run_ids=[], base=True, api_name="/chat_send")
             job = client.submit(temperature=0.0, top_p=0.9, max_new_tokens=new_tokens, system="",
                                 merged="unmerged", api_name="/chat_reply")
             first = None
