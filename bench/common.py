@@ -25,11 +25,13 @@ class Case:
     lr: float = 2e-4
     full_examples: int = 0           # 0 = every training example of the sample
     quick_examples: int = 48
+    full_epochs: int = 1             # passes of the full-size run (QUICK runs one)
     ours_dtype: str = "default"      # "bf16": our side loads the frozen base in bf16 (an ablation, not a default)
 
 
 CASES = [
-    Case("lora-default", "lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, lr=2e-4, quick_examples=64),
+    Case("lora-default", "lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, lr=2e-4, quick_examples=64,
+         full_epochs=2),  # 2 × 26 = 52 optimiser steps a side on the CPU
     Case("prompt-tuning", "prompt_tuning", {"num_virtual_tokens": 20, "init": "random"}, lr=3e-2, full_examples=128),
     Case("prefix-tuning", "prefix_tuning", {"num_virtual_tokens": 20, "encoder_hidden": 512}, lr=3e-3, full_examples=128),
     Case("p-tuning", "p_tuning", {"num_virtual_tokens": 20, "encoder_type": "mlp", "encoder_hidden": 128}, lr=3e-3,
@@ -68,17 +70,22 @@ def encode_file(path: Path, tokenizer) -> list[Example]:
     return examples
 
 
-def our_batch_order(examples: list[Example], device: torch.device) -> list[int]:
-    """The example order of our engine's first epoch: the batches core.train.train draws, flattened.
+def our_batch_order(examples: list[Example], device: torch.device, epochs: int = 1) -> list[int]:
+    """The example order of our engine's ``epochs`` epochs: the batches core.train.train draws, flattened.
 
     The peer reads its rows in this order (sequential sampler), so both sides take the same optimiser steps on the
     same 8 rows; on CPU these batches are uniform random draws, like the Trainer's own RandomSampler."""
     from core.data import LengthGroupedBatches
 
-    plan = LengthGroupedBatches(examples, BATCH, SEED, pad_id=0, group=device.type != "cpu").plan(0)
-    if any(len(b) != BATCH for b in plan[:-1]):
-        raise RuntimeError("our first batch is a short one: the peer's sequential batches would not line up")
-    return [i for b in plan for i in b]
+    batches = LengthGroupedBatches(examples, BATCH, SEED, pad_id=0, group=device.type != "cpu")
+    order = []
+    for epoch in range(epochs):
+        plan = batches.plan(epoch)
+        last = epoch == epochs - 1  # only the very last batch of the run may be short
+        if any(len(b) != BATCH for b in (plan[:-1] if last else plan)):
+            raise RuntimeError("one of our batches is a short one: the peer's sequential batches would not line up")
+        order += [i for b in plan for i in b]
+    return order
 
 
 def peak_rss_mb() -> float:

@@ -124,7 +124,10 @@ def main() -> None:
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
             "new_tokens": rs[0]["new_tokens"],
         }
-    result["same_tokens"] = runs["hf-streamer"][0]["ids"] == runs["ours"][0]["ids"]
+    if runs["hf-streamer"][0]["ids"] != runs["ours"][0]["ids"]:
+        raise RuntimeError(f"greedy tokens differ: transformers {runs['hf-streamer'][0]['ids']} vs ours "
+                           f"{runs['ours'][0]['ids']}")
+    result["same_tokens"] = True  # checked just above: the run fails otherwise
     result["prompt_tokens"] = len(prompt_ids)
     result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result))

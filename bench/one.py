@@ -19,7 +19,7 @@ from .common import CASE_BY_NAME, encode_file, mfu, model_flops, write_split
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", required=True, choices=sorted(CASE_BY_NAME))
-    ap.add_argument("--side", required=True, choices=["ours", "peer"])
+    ap.add_argument("--side", required=True, choices=["ours", "peer", "peer-grouped"])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     case = CASE_BY_NAME[args.case]
@@ -33,8 +33,12 @@ def main() -> None:
         work = Path(tmp)
         n = case.quick_examples if args.quick else case.full_examples
         train_file, val_file = write_split(work / "data", n)
-        side = ours if args.side == "ours" else peer
-        result = side.run(case, model, tokenizer, train_file, val_file, work, device)
+        epochs = 1 if args.quick else case.full_epochs
+        if args.side == "ours":
+            result = ours.run(case, model, tokenizer, train_file, val_file, work, device, epochs)
+        else:
+            result = peer.run(case, model, tokenizer, train_file, val_file, work, device,
+                              grouped=args.side == "peer-grouped", epochs=epochs)
         if device.type == "cuda":
             flops = model_flops(encode_file(train_file, tokenizer), n_params, cfg.num_hidden_layers, cfg.hidden_size)
             result["mfu"] = mfu(flops, result["wall_s"])

@@ -28,12 +28,12 @@ def eval_loss(model, method, examples, pad_id: int, device) -> float:
     return float(total / count)
 
 
-def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device) -> dict:
+def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device, epochs: int = 1) -> dict:
     cfg = RunConfig(
         model="(preloaded)",
         method=method_config(case.method, case.knobs),
-        train=TrainConfig(lr=case.lr, scheduler="linear", warmup_steps=0, epochs=1, batch_size=BATCH, max_len=MAX_LEN,
-                          seed=SEED, log_every=10**9),
+        train=TrainConfig(lr=case.lr, scheduler="linear", warmup_steps=0, epochs=epochs, batch_size=BATCH, max_len=MAX_LEN,
+                          seed=SEED),  # everything else as a user gets it: log_every 1, precision auto
         data=DataConfig(path=str(train_file), val_fraction=0.0),
     )
     events = []

@@ -1,4 +1,4 @@
-"""Side (b): transformers.Trainer + peft, the way their users typically run it.
+"""Side (b): transformers.Trainer + peft, the way their users typically run it, and with group_by_length.
 
 Default settings: pad to the longest sequence in each batch (DataCollatorForSeq2Seq), the model's own loss
 (logits over the full vocabulary at every position), the Trainer's default optimiser. Only the hyperparameters
@@ -99,8 +99,12 @@ def eval_loss(model, examples, collator, device) -> float:
     return total / count
 
 
-def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device) -> dict:
-    """Timed like ours (the whole of core.train.train): tokenise, wrap, train, save the adapter."""
+def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device,
+        grouped: bool = False, epochs: int = 1) -> dict:
+    """Timed like ours (the whole of core.train.train): tokenise, wrap, train, save the adapter.
+
+    ``grouped``: the Trainer's strongest standard setting, batches of similar lengths (its LengthGroupedSampler,
+    group_by_length) instead of our batches in our order; the rows and the init are still shared."""
     import peft
 
     init = our_init(case, model)  # not timed
@@ -108,13 +112,15 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
     train = encode_file(train_file, tokenizer)
     model = peft.get_peft_model(model, peft_config(case, model))
     start_from(model, init, case)
-    ds = Rows([features(train[i]) for i in our_batch_order(train, device)])
+    order = range(len(train)) if grouped else our_batch_order(train, device, epochs)  # every epoch's batches
+    ds = Rows([features(train[i]) for i in order])
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     args = TrainingArguments(
-        output_dir=str(work / "peer"), per_device_train_batch_size=BATCH, num_train_epochs=1,
+        output_dir=str(work / "peer"), per_device_train_batch_size=BATCH, num_train_epochs=epochs if grouped else 1,
         learning_rate=case.lr, lr_scheduler_type="linear", warmup_steps=0, seed=SEED, report_to="none",
         save_strategy="no", logging_steps=10, disable_tqdm=True, use_cpu=device.type == "cpu",
-        train_sampling_strategy="sequential",  # our batches, in our order (see our_batch_order)
+        # our batches in our order (see our_batch_order), or the Trainer's own length grouping
+        train_sampling_strategy="group_by_length" if grouped else "sequential",
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)

@@ -180,8 +180,9 @@ class TrainConfig(Validated):
                            help_zh="每 N 步在验证集上评估一次（0 = 只在结束时）。")
     eval_max_rows: int = knob(
         200, "Held-out rows answered by greedy generation for the task metrics at the end (0 = loss metrics only).",
-        min=0)
-    eval_max_new_tokens: int = knob(64, "Most tokens generated per held-out answer at the end.", min=1, max=4096)
+        min=0, help_zh="结束时用贪心生成回答的验证行数，用于任务指标（0 = 只算损失类指标）。")
+    eval_max_new_tokens: int = knob(64, "Most tokens generated per held-out answer at the end.", min=1, max=4096,
+                                    help_zh="结束时每个验证回答最多生成的 token 数。")
     save_every: int = knob(0, "Checkpoint every N steps (0 = only at the end).", min=0,
                            help_zh="每 N 步保存一次检查点（0 = 只在结束时）。")
     log_every: int = knob(1, "Write a metrics event every N steps.", min=1, help_zh="每 N 步写一条指标记录。")

@@ -38,6 +38,8 @@ What the loop guarantees
   adapter is ever written.
 * Stop requests: SIGTERM, SIGINT, or a file ``<run>/STOP``. The run finishes the current step, saves a
   checkpoint and a usable adapter to ``<run>/adapter/``, and ends with status stopped.
+* CPU threads: between steps the run follows ``<run>/THREADS``, the share of the cores the studio gives it
+  (core.threads).
 * No host syncs in the hot loop except at log steps (every ``log_every`` steps) and checkpoints.
 * Device: core.models.resolve_device. Precision (TrainConfig.precision, resolved by core.models): under
   bf16-mixed the frozen base is held in bf16, trainable parameters (and so AdamW's state) in fp32, and the
@@ -102,6 +104,7 @@ from .models import (
 )
 from .preflight import preflight
 from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_groups
+from .threads import ThreadShare
 
 STOP_FILE = "STOP"
 Events = Generator[dict[str, Any], None, Any]
@@ -163,6 +166,7 @@ def _loop(run: RunState) -> Generator[dict[str, Any], None, Ending]:
             yield _eval_event(run)
         if (stop := _stop_check(run, log_now)) is not None:
             return stop
+        run.session.threads.follow()  # the studio re-splits the cores when chat or another job starts or ends
         if (bad := _periodic_checkpoint(run)) is not None:
             return bad
     return Ending("completed", f"finished {p.total_steps} steps")
@@ -221,6 +225,7 @@ class Session:
     world: dist.DistInfo
     files: RunFiles
     stop: StopRequest
+    threads: ThreadShare
     progress: Progress = field(default_factory=Progress)
     cleanup: ExitStack = field(default_factory=ExitStack)
 
@@ -273,7 +278,9 @@ def _open_session(cfg: RunConfig, run_dir: Path) -> Session:
     device = dist.rank_device(device, world)
     files = RunFiles(run_dir, enabled=world.is_main)
     stop = StopRequest(run_dir, clear=world.is_main)
-    session = Session(cfg, device, world, files, stop)
+    threads = ThreadShare(run_dir, device)
+    threads.follow()  # the share the studio set before it started this worker
+    session = Session(cfg, device, world, files, stop, threads)
     session.cleanup.callback(dist.cleanup, world)
     session.cleanup.callback(stop.restore)
     return session

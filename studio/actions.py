@@ -79,7 +79,8 @@ ENTRIES: list[Entry] = _entries()
 BY_KEY = {e.key: e for e in ENTRIES}
 DEFAULT_ENTRY = "lora"
 TRAIN_MAIN = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "scheduler", "warmup_steps", "eval_every")
-TRAIN_ADVANCED = ("weight_decay", "max_grad_norm", "save_every", "log_every", "seed", "device", "precision", "grad_checkpointing")
+TRAIN_ADVANCED = ("weight_decay", "max_grad_norm", "save_every", "log_every", "seed", "device", "precision", "grad_checkpointing",
+                  "eval_max_rows", "eval_max_new_tokens")
 TRAIN_FORM = (*TRAIN_MAIN, *TRAIN_ADVANCED, "max_len")  # the Data tab shows max_len
 DATA_FORM = ("path", "fields", "val_fraction", "val_count")
 
@@ -212,15 +213,19 @@ def detect_hardware() -> str:
 
 
 def _estimate(ctx, cfg: RunConfig, dataset: dict | None) -> dict[str, Any]:
-    seq = min(int(dataset["stats"]["max"]), cfg.train.max_len) if dataset and dataset.get("stats") else None
-    est = ctx.estimator.estimate(cfg.model, cfg.method, cfg.train, seq, _device(cfg.train.device, detect_hardware()))
+    stats = dataset.get("stats") if dataset else None
+    seq = min(int(stats["max"]), cfg.train.max_len) if stats else None
+    est = ctx.estimator.estimate(cfg.model, cfg.method, cfg.train, seq, _device(cfg.train.device, detect_hardware()),
+                                 data=(stats, cfg.data) if stats else None)
     return {"trainable": est.trainable, "total": est.total, "percent": est.percent, "peak_bytes": est.peak_bytes,
-            "note": t(est.note) if est.note else "", "markdown": est.markdown()}
+            "steps": est.steps, "train_seconds": est.train_seconds, "note": t(est.note) if est.note else "",
+            "markdown": est.markdown()}
 
 
 def check(ctx, form: dict[str, Any], dataset: dict | None = None) -> dict[str, Any]:
     """Trainable / total parameters and the peak-memory estimate of the form's run (no dataset needed; with the
-    inspected dataset its real longest example bounds the sequence length)."""
+    inspected dataset its real longest example bounds the sequence length, and the training time is estimated
+    from its size and mean length)."""
     return _estimate(ctx, config_of(ctx, form), dataset)
 
 

@@ -7,14 +7,19 @@ the request and unfolds it afterwards, so the latency of both forms can be compa
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from core.generate import AdapterBank, GenerationSettings, stream
 
+from .cores import CoreShare
 from .i18n import t
 from .messages import localize
 
@@ -39,7 +44,8 @@ class Reply:
 class ChatService:
     """Shared by all sessions; requests are served one at a time (a CPU has no room for two at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cores: CoreShare | None = None) -> None:
+        self.cores = cores or CoreShare()  # a reply on the CPU takes its share of the cores while it streams
         self._bank: AdapterBank | None = None
         self._model_name: str | None = None
         self._mtimes: dict[str, float] = {}
@@ -68,8 +74,12 @@ class ChatService:
         """Stream each column's answer to its own history (a list of {role, content}, ending with the user)."""
         with self._lock:
             bank = self._ensure(model_name)
-            for i, (col, messages) in enumerate(zip(columns, histories)):
-                yield from self._one(bank, i, col, messages, settings, merged)
+            on_cpu = next(bank.model.parameters()).device.type == "cpu"
+            with self.cores.held("chat") if on_cpu else nullcontext(0) as threads:
+                if threads:
+                    torch.set_num_threads(threads)
+                for i, (col, messages) in enumerate(zip(columns, histories)):
+                    yield from self._one(bank, i, col, messages, settings, merged)
 
     def _one(self, bank, i, col, messages, settings, merged) -> Iterator[Reply]:
         try:
@@ -87,18 +97,16 @@ class ChatService:
         out = None
         try:
             out = stream(bank.model, bank.tokenizer, method, messages, settings)
-            for delta in out:
+            for chunk in ahead(out):
                 if first is None:
                     first = time.perf_counter() - started
                 n += 1
-                text += delta
+                text += chunk
                 yield Reply(i, text, "", False)
         except ValueError as e:
             yield Reply(i, text, f"⚠ {localize(e)}", True)
             return
         finally:
-            if out is not None:
-                out.close()
             if did_merge:
                 method.unmerge(bank.model)
         total = time.perf_counter() - started
@@ -110,3 +118,53 @@ class ChatService:
         if out is not None and out.notice:
             parts.append(localize(out.notice))
         yield Reply(i, text, " · ".join(parts), True)
+
+
+_END = object()
+
+
+def ahead(deltas: Iterator[str]) -> Iterator[str]:
+    """``deltas`` decoded in a thread of their own; each item is all the text produced since the previous one.
+
+    The page spends time on every update (Gradio's postprocessing, the websocket, the browser redrawing the
+    chatbots); decoding never waits for it, and the updates carry several tokens when the page is the slower
+    side. Closing this iterator stops the decoding after its current token."""
+    pieces: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for delta in deltas:
+                pieces.put(delta)
+                if stop.is_set():
+                    break
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            pieces.put(e)
+        finally:
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()
+            pieces.put(_END)
+
+    thread = threading.Thread(target=produce, name="chat-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = pieces.get()
+            text = ""
+            while True:  # everything already decoded goes out in one update
+                if item is _END or isinstance(item, BaseException):
+                    if text:
+                        yield text
+                    if item is _END:
+                        return
+                    raise item
+                text += item
+                try:
+                    item = pieces.get_nowait()
+                except queue.Empty:
+                    break
+            yield text
+    finally:
+        stop.set()
+        thread.join()

@@ -13,6 +13,7 @@ from pathlib import Path
 from core.config import DEFAULT_MODEL
 
 from .chat import ChatService
+from .cores import CoreShare
 from .estimate import Estimator
 from .evaluations import Evaluations
 from .jobs import CommandFn, JobQueue
@@ -52,6 +53,7 @@ class StudioContext:
     tokenizers: TokenizerCache = field(default_factory=TokenizerCache)
     chat: ChatService = field(default_factory=ChatService)
     evaluations: Evaluations = field(default_factory=Evaluations)  # the Runs tab's Evaluate, in the background
+    cores: CoreShare = field(default_factory=CoreShare)  # one split of the CPU between jobs, evaluations and chat
     assets_dir: Path = ASSETS
 
     @classmethod
@@ -66,10 +68,12 @@ class StudioContext:
         start_jobs: bool = True,
     ) -> StudioContext:
         store = RunStore(data_dir)
-        jobs = JobQueue(store, slots=slots, command=command)
+        cores = CoreShare()
+        jobs = JobQueue(store, slots=slots, command=command, cores=cores)
         if start_jobs:
             jobs.start()  # re-attaches to surviving workers, marks dead ones interrupted
-        ctx = cls(store.data_dir, store, jobs, default_model=default_model, max_upload_bytes=max_upload_bytes)
+        ctx = cls(store.data_dir, store, jobs, default_model=default_model, max_upload_bytes=max_upload_bytes,
+                  chat=ChatService(cores), evaluations=Evaluations(cores=cores), cores=cores)
         ctx.uploads_dir.mkdir(exist_ok=True)
         ctx.exports_dir.mkdir(exist_ok=True)
         return ctx

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cores import CoreShare
 from .jobs import PROJECT_ROOT, registry_numbers
 from .store import RunStore
 
@@ -39,9 +40,11 @@ class EvalState:
 
 
 class Evaluations:
-    def __init__(self, command: EvalCommand = eval_command, env: dict[str, str] | None = None):
+    def __init__(self, command: EvalCommand = eval_command, env: dict[str, str] | None = None,
+                 cores: CoreShare | None = None):
         self.command = command
         self.env = env
+        self.cores = cores or CoreShare()
         self._states: dict[str, EvalState] = {}
         self._lock = threading.Lock()
 
@@ -79,8 +82,10 @@ class Evaluations:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         try:
-            p = subprocess.run(self.command(run_dir), cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=TIMEOUT_S)
+            with self.cores.held(f"eval:{run_id}") as threads:
+                env["OMP_NUM_THREADS"] = str(threads)
+                p = subprocess.run(self.command(run_dir), cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                   capture_output=True, text=True, timeout=TIMEOUT_S)
             if p.returncode != 0:
                 lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
                 why = lines[-1].removeprefix("error: ") if lines else f"exit code {p.returncode}"

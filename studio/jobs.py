@@ -29,6 +29,7 @@ from typing import IO
 from core.config import RunConfig
 from core.events import pid_alive, read_events, read_status, recover_status, summarize
 
+from .cores import CoreShare
 from .metrics import log_tail, tail_lines
 from .store import Run, RunStore
 
@@ -87,8 +88,10 @@ class JobQueue:
         stop_grace_s: float = 30.0,
         kill_grace_s: float = 30.0,
         env: dict[str, str] | None = None,
+        cores: CoreShare | None = None,
     ):
         self.store = store
+        self.cores = cores or CoreShare()
         self.slots = slots or default_slots()
         gpus = int(self.slots[0].split("x")[-1]) if self.slots[0].startswith("cuda x") else 0
         self.command: CommandFn = command or (lambda run_dir, resume: worker_command(run_dir, resume, gpus))
@@ -191,6 +194,7 @@ class JobQueue:
             self._escalate(w)
             return
         del self.workers[run_id]
+        self.cores.leave(run_id)
         if w.log_file:
             w.log_file.close()
         self._finish(run_id, rc, w)
@@ -234,6 +238,8 @@ class JobQueue:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         if slot.startswith("cuda") and "x" not in slot:
             env.setdefault("CUDA_VISIBLE_DEVICES", "0")
+        if slot == "cpu":  # its share of the cores: THREADS for later changes, OMP_NUM_THREADS from the start
+            env["OMP_NUM_THREADS"] = str(self.cores.join(run.id, run_dir))
         log_file = open(run_dir / "worker.log", "ab")
         log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} on {slot}\n".encode())
         log_file.flush()
@@ -244,6 +250,7 @@ class JobQueue:
             )
         except OSError as e:
             log_file.close()
+            self.cores.leave(run.id)
             self.store.set_status(run.id, "failed", f"could not start the worker: {e}")
             return
         self.workers[run.id] = Worker(run.id, slot, popen.pid, popen, log_file)
@@ -273,6 +280,8 @@ class JobQueue:
                     continue
                 if run.pid and pid_alive(run.pid) and _is_worker_of(run.pid, run.dir):
                     self.workers[run.id] = Worker(run.id, run.device or self.slots[0], run.pid, None)
+                    if self.workers[run.id].slot == "cpu":
+                        self.cores.join(run.id, run.dir)
                     log.info("re-attached to run %s (pid %s)", run.id, run.pid)
                     continue
                 settle(run.dir)

@@ -21,6 +21,7 @@ from core.methods import specs
 from core.preflight import preflight
 from core.sweep import Results, knob_choices, parse_knob, parse_methods, plan_sweep, results, shared_settings
 from core.sweep import sweep_record, write_outputs
+from core.sweep_report import HEADERS, MARK
 
 from .actions import _dataset_path, build_config, detect_hardware
 from .paths import inside
@@ -134,13 +135,11 @@ def dataset_choices(ctx) -> list[tuple[str, str]]:
     return out + [(f"upload · {p.name}", str(p)) for p in uploads if p.is_file()]
 
 
-# The leaderboard as the Experiment tab shows it: (header, core.leaderboard column).
-TABLE = (("run", "run"), ("method", "method"), ("knob", "knobs"), ("status", "status"),
-         ("task metric", "task_metric"), ("task score", "task_score"), ("eval loss", "eval_loss"),
-         ("trainable params", "trainable"), ("trainable %", "trainable_pct"), ("train s", "train_s"),
-         ("supervised tok/s", "tokens_per_s"), ("peak MiB", "peak_mem_mb"), ("adapter MiB", "adapter_mb"),
-         ("can merge", "can_merge"))
-BEST_MARK = "★"
+# The leaderboard as the Experiment tab shows it: (header, core.leaderboard column); headers are the report's.
+TABLE = tuple((HEADERS[c], c) for c in ("run", "method", "knobs", "status", "task_metric", "task_score", "eval_loss",
+                                        "trainable", "trainable_pct", "train_s", "tokens_per_s", "peak_mem_mb",
+                                        "adapter_mb", "can_merge"))
+BEST_MARK = MARK
 
 
 def _shown(col: str, v: Any) -> Any:

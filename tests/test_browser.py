@@ -31,7 +31,7 @@ def studio(tmp_path_factory):
     pytest.importorskip("playwright")
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (make test installs it)")
-    from test_studio_api import start_app, stop_app
+    from test_studio_api import start_app
 
     model = BROWSER_MODEL
     if not model:
@@ -46,7 +46,10 @@ def studio(tmp_path_factory):
         model = str(folder)
     ctx, demo, url = start_app(tmp_path_factory.mktemp("studio-data"), model)
     yield ctx, url, model
-    stop_app(ctx, demo)
+    demo.close()
+    for run in ctx.store.list(status=("running", "queued")):
+        ctx.jobs.stop(run.id)
+    ctx.close()
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +131,10 @@ def test_upload_train_watch_chat_export(page, studio, tmp_path):
     from core.models import load_model_config
 
     tab(page, "Train")
+    # on a CPU the form starts as a first run sized to this dataset (studio.first_run), with its estimated time
+    wait_text(page, "#ps-estimate", "First run on this CPU", 30)
+    assert "Training ≈" in page.locator("#ps-estimate").inner_text()
+    assert page.get_by_label("R (rank)", exact=True).first.input_value() == "16"
     page.get_by_text("Not sure which method? Ask the advisor").click()
     page.get_by_label("smallest artefact", exact=True).check()
     page.get_by_role("button", name="Recommend").click()

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import ARTIFACTS, page, shot, studio, tab, wait_text  # noqa: F401 - pytest fixtures shared with that file
+from test_browser import ARTIFACTS, page, shot, studio, tab, wait_text  # noqa: F401 - shared pytest fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 METHODS = ("lora", "bitfit", "prefix_tuning")
+
+
+def view_rows(ctx) -> list[dict]:
+    from studio.sweeps import experiment_view, experiments
+
+    return experiment_view(ctx, experiments(ctx)[0][1])["rows"]
 
 
 def board_text(page) -> str:
@@ -53,6 +59,15 @@ def test_experiment_leaderboard_fills_and_opens_chat(page, studio, tmp_path):  #
     for m in METHODS:
         assert m in text
     assert "rouge_l" in text  # QA's task metric
+    # ---- sortable: the header menu sorts by the numbers, not their text ---------------------------------------
+    by_trainable = sorted(METHODS, key=lambda m: next(r["trainable"] for r in view_rows(ctx) if r["method"] == m))
+    for order, expected in (("Sort ascending", by_trainable[0]), ("Sort descending", by_trainable[-1])):
+        header = page.locator("#ps-exp-board th", has_text="trainable params").first
+        header.hover()
+        header.get_by_role("button", name="Open cell menu").click(force=True)
+        page.get_by_text(order).first.click()
+        page.wait_for_timeout(800)
+        assert board_text(page).split("can merge")[-1].split()[0] == expected, order
     page.locator("#ps-exp-curves .js-plotly-plot").wait_for(timeout=20_000)
     traces = page.evaluate("() => document.querySelector('#ps-exp-curves .js-plotly-plot').data.length")
     assert traces >= len(METHODS)

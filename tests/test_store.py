@@ -163,3 +163,29 @@ def test_a_registry_migrated_by_a_newer_version_still_reads(store):
     with sqlite3.connect(store.db_path) as db:
         db.execute("ALTER TABLE runs ADD COLUMN from_the_future TEXT")
     assert [r.id for r in store.list()] == [run.id] and store.get(run.id).name == "kept"
+
+
+def test_sweeps_link_runs_and_an_older_registry_gains_the_column(tmp_path):
+    import sqlite3
+
+    data = tmp_path / "old"
+    data.mkdir()
+    db = sqlite3.connect(data / "studio.sqlite3")  # a registry from before experiments: no sweep column/table
+    db.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, model TEXT NOT NULL DEFAULT '', "
+               "method TEXT NOT NULL DEFAULT '', status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', pid INTEGER, "
+               "device TEXT NOT NULL DEFAULT '', created REAL NOT NULL, started REAL, finished REAL, "
+               "trainable INTEGER, total_params INTEGER, final_loss REAL, final_eval_loss REAL, steps INTEGER, total_steps INTEGER, "
+               "resume INTEGER NOT NULL DEFAULT 0, queued_at REAL, config TEXT NOT NULL DEFAULT '{}')")
+    db.commit()
+    db.close()
+    store = RunStore(data)
+    a, b, lone = (store.create(cfg(), name=n) for n in ("a", "b", "lone"))
+    assert lone.sweep is None
+    sid = store.create_sweep("cmp", {"runs": ["a", "b"], "knob": None}, [a.id, b.id])
+    got = store.sweep(sid)
+    assert got["name"] == "cmp" and got["record"]["runs"] == ["a", "b"]
+    assert [r.id for r in got["runs"]] == [a.id, b.id] and store.get(a.id).sweep == sid
+    assert [s["id"] for s in store.sweeps()] == [sid] and store.get(lone.id).sweep is None
+    with pytest.raises(KeyError):
+        store.create_sweep("bad", {}, ["20990101-000000-abcdef"])  # an unknown run: nothing is linked
+    assert len(store.sweeps()) == 1

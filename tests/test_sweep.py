@@ -104,6 +104,7 @@ def test_cli_prints_leaderboard_and_verdict(tiny, tmp_path, capsys):
     (["--methods", "lora", "--knob", "r=4"], "at least two values"),
     (["--methods", "lora,bitfit", "--knob", "r=4,8"], "--knob varies one method"),
     (["--methods", "lora", "--steps", "0"], "--steps 0"),
+    (["--methods", "lora", "--knob", "r=4,4096"], "LoraConfig.r = 4096 is invalid: must be <= min(in, out)"),  # preflight
 ])
 def test_bad_input_is_one_sentence(tiny, tmp_path, capsys, args, message):
     model, data = tiny

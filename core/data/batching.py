@@ -41,13 +41,7 @@ def split(
     is positive and there are two or more examples.
     """
     n = len(examples)
-    if val_count > 0:
-        n_val = val_count
-    elif val_fraction > 0:
-        n_val = max(1, round(val_fraction * n))
-    else:
-        n_val = 0
-    n_val = max(0, min(n_val, n - 1))
+    n_val = val_size(n, val_fraction, val_count)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
@@ -55,6 +49,17 @@ def split(
     val = [e for i, e in enumerate(examples) if i in val_idx]
     return train, val
 
+
+
+def val_size(n: int, val_fraction: float, val_count: int) -> int:
+    """How many of ``n`` examples ``split`` holds out."""
+    if val_count > 0:
+        n_val = val_count
+    elif val_fraction > 0:
+        n_val = max(1, round(val_fraction * n))
+    else:
+        n_val = 0
+    return max(0, min(n_val, n - 1))
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:

@@ -10,9 +10,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from core.sweep_report import cell
+
 from .. import charts, sweeps
-from ..format import esc, user_error
+from ..format import esc, run_label, user_error
 from ..i18n import T, choice, method_key, t
+from .common import finished_with_adapter
 
 POLL_S = 2.0
 MODES = ("methods", "knob")  # several methods, or one method's knob values
@@ -23,9 +26,8 @@ def method_choices() -> list[tuple]:
 
 
 def cell_text(v: Any, best: bool) -> str:
-    if v is None or (isinstance(v, float) and pd.isna(v)):
-        return "—"
-    text = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{v:.4g}" if isinstance(v, float) else str(v)
+    """A leaderboard cell as the report writes it (core.sweep_report.cell), starred when it is its column's best."""
+    text = "—" if isinstance(v, float) and pd.isna(v) else cell(v)
     return f"{text} {sweeps.BEST_MARK}" if best else text
 
 
@@ -138,8 +140,11 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
         text = t("experiment.verdict", state=state, verdict=esc(verdict_text(view)))
         return text, styled(view), charts.overlay_figure(view["curves"]), csv_up, html_up, key
 
-    def on_tab():
-        return gr.update(choices=sweeps.dataset_choices(ctx))
+    def on_tab(selected):
+        """Fresh lists when the tab opens: uploads and experiments made since the page was built."""
+        choices = sweeps.experiments(ctx)
+        keep = selected if selected in {i for _, i in choices} else (choices[0][1] if choices else None)
+        return gr.update(choices=sweeps.dataset_choices(ctx)), gr.update(choices=choices, value=keep)
 
     mode.change(on_mode, mode, [methods, knob_row], api_visibility="private")
     method.change(on_method, method, knob, api_visibility="private")
@@ -148,7 +153,7 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
     outputs = [advice, board, curves, csv_btn, html_btn, seen]
     current.change(user_error(refresh), [current, seen], outputs, api_visibility="private")
     timer.tick(user_error(refresh), [current, seen], outputs, api_visibility="private")
-    tab.select(on_tab, None, dataset, api_visibility="private")
+    tab.select(on_tab, current, [dataset, current], api_visibility="private")
     shared["on_load"].append((lambda: styled(None), [board]))
     return {"dataset": dataset, "mode": mode, "methods": methods, "start": start, "current": current,
             "board": board, "curves": curves, "advice": advice, "to_chat": to_chat, "message": message}
@@ -160,9 +165,6 @@ def wire_chat(ctx, shared: dict[str, Any]) -> None:
 
     def open_in_chat(sweep_id):
         ids = sweeps.top_runs(ctx, sweep_id, 2)
-        from .common import finished_with_adapter
-        from ..format import run_label
-
         choices = [(run_label(r), r.id) for r in finished_with_adapter(ctx)]
         return gr.Tabs(selected="chat"), gr.update(choices=choices, value=ids)
 

@@ -15,9 +15,9 @@ import gradio as gr
 from core.advisor import GOALS, HARDWARE
 from core.config import TrainConfig
 
-from .. import actions
-from ..actions import (BY_KEY, DEFAULT_ENTRY, ENTRIES, PARAM_IDS, TRAIN_ADVANCED, TRAIN_MAIN, detect_hardware,
-                       entry_for, param_name)
+from .. import actions, first_run
+from ..actions import (DEFAULT_ENTRY, ENTRIES, PARAM_IDS, TRAIN_ADVANCED, TRAIN_MAIN, detect_hardware, entry_for,
+                       param_name)
 from ..format import esc, user_error
 from ..i18n import T, goal_key, hardware_key, lang, method_key, t
 from ..knobs import entry_widgets, widget
@@ -28,7 +28,7 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     columns: dict[str, gr.Column] = {}
     knobs: dict[str, gr.Component] = {}  # form id -> widget, e.g. "lora.r"
     train_widgets: dict[str, gr.Component] = {}  # form id -> widget, e.g. "train.lr"
-    with gr.Tab(T("tab.train"), id="train"):
+    with gr.Tab(T("tab.train"), id="train") as tab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=380):
                 with gr.Row():
@@ -69,6 +69,8 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                     advice_md = gr.Markdown(elem_id="ps-advice")
                     apply = gr.Button(T("train.apply_advice"), visible=False, elem_id="ps-apply-advice")
                     advice_state = gr.State(None)
+        # Inside the tab: a component made directly under gr.Tabs shifts the tab labels after it.
+        suggested = gr.State(None)  # the last first-run suggestion put into the form (studio.first_run)
 
     dataset, model = shared["dataset"], shared["model"]
     data_w = shared["data_tab"]
@@ -138,7 +140,27 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         out.update({form[fid]: v for fid, v in vals.items() if fid != "method"})
         return out
 
+    def on_open(first_run_state, **data) -> dict:
+        """The tab opens: on a CPU, size the first run to the loaded dataset (only the fields the user has not
+        changed; once per dataset). Done on opening, not on loading: Gradio mishandles updates to a tab that is
+        not drawn yet."""
+        ds = data["dataset"]
+        last = first_run_state or {}
+        if not ds or last.get("path") == ds["path"] or not first_run.untouched(values(data), last.get("values")):
+            return {}
+        try:
+            tip = first_run.suggest(ctx, values(data), ds, detect_hardware())
+        except ValueError:  # a form that does not check: leave it to Check and Start to say why
+            return {}
+        if tip is None:
+            return {}
+        out: dict = {form[k]: v for k, v in tip["values"].items() if k != "method"}
+        out.update({suggested: {"path": ds["path"], "values": tip["values"]}, estimate: first_run.markdown(tip)})
+        return out
+
     dataset.change(lambda d: d["valid_rows"] if d else gr.skip(), dataset, rows, api_visibility="private")
+    tab.select(on_open, None, [suggested, estimate, *(form[k] for k in first_run.SUGGESTED if k != "method")],
+               api_visibility="private", inputs_kwargs={**form_inputs["inputs_kwargs"], "first_run_state": suggested})
     check.click(user_error(on_check), None, estimate, api_name="check_config", **form_inputs)
     start.click(user_error(on_start), None, [status, shared["monitor_run"], shared["tabs"], estimate],
                 api_name="start_run", **form_inputs)
