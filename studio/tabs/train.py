@@ -142,8 +142,7 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
 
     def on_open(first_run_state, **data) -> dict:
         """The tab opens: on a CPU, size the first run to the loaded dataset (only the fields the user has not
-        changed; once per dataset). Done on opening, not on loading: Gradio mishandles updates to a tab that is
-        not drawn yet."""
+        changed; once per dataset), so the values and their estimate are in view when they change."""
         ds = data["dataset"]
         last = first_run_state or {}
         if not ds or last.get("path") == ds["path"] or not first_run.untouched(values(data), last.get("values")):
