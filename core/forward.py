@@ -93,7 +93,8 @@ def head_cross_entropy(head: nn.Module, h: Tensor, targets: Tensor, chunk: int =
 class _FusedHeadCE(torch.autograd.Function):
     """Chunked LM head + cross-entropy that computes its gradients in the forward pass.
 
-    For each chunk of rows: z = h·Wᵀ + b (fp32), loss += logsumexp(z) - z[target], g = softmax(z) - onehot,
+    For each chunk of rows: z = h·Wᵀ + b (fp32), loss += logsumexp(z) - z[target], g = softmax(z) - onehot (all in
+    the one (c, V) block of z),
     dh = g·W, dW += gᵀ·h, db += Σg. Only dh (N, d) (and dW, db when the head trains) are kept for backward."""
 
     @staticmethod
@@ -106,10 +107,12 @@ class _FusedHeadCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            z = F.linear(hc, weight, bias).float()  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            z = F.linear(hc, weight, bias).float()  # (c, V): the one block of logits, worked on in place
+            z.sub_(z.amax(dim=-1, keepdim=True))  # shifted: exp cannot overflow
+            picked = z.gather(1, tc[:, None]).squeeze(1)
+            sums = z.exp_().sum(dim=-1)
+            total += (sums.log() - picked).sum()  # logsumexp(z) - z[target], the shift cancels
+            g = z.div_(sums[:, None])  # softmax (torch.logsumexp would allocate a second (c, V) block)
             g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
             if need_h:
                 grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)

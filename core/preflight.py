@@ -18,7 +18,7 @@ from torch import nn
 
 from .blocks import ModelShape, model_shape
 from .config import MethodConfig, RunConfig
-from .methods import build_method, spec_of
+from .methods import Method, build_method, spec_of
 from .models import load_model_config, shape_model
 
 
@@ -28,6 +28,7 @@ class DryRun:
     total: int
     shape: ModelShape
     model: nn.Module  # the meta-device model with the method applied (shapes only)
+    method: Method  # the method, applied to ``model``
 
     @property
     def percent(self) -> float:
@@ -61,7 +62,7 @@ def dry_run(model_config, method_cfg: MethodConfig, max_len: int | None = None) 
     shape = model_shape(model)
     if max_len is not None:
         check_context(method_cfg, shape, max_len)
-    return DryRun(trainable, total, shape, model)
+    return DryRun(trainable, total, shape, model, method)
 
 
 def preflight(cfg: RunConfig, model: nn.Module | None = None) -> DryRun | None:

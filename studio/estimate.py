@@ -4,13 +4,23 @@ The method is applied to the model built on PyTorch's ``meta`` device by core.pr
 no weights, ~0.1 s), so the count is exact and config errors (a target module that does not exist, a rank
 above the hidden size) show up before any work starts.
 
-Peak memory (an estimate, shown as such):
-    weights      total · bytes/param                (2 bytes under bf16-mixed, 4 under fp32: core.models.resolve_precision)
-    gradients    trainable · 4                      (trainable parameters are kept in fp32)
-    optimiser    trainable · 8                      (AdamW: two fp32 moments)
-    activations  B · T · L · (34·d + 6·d_ff) · bytes/2, or B · T · L · d · bytes + one layer's worth with
-                 gradient checkpointing (Korthikanti et al. 2022, memory-efficient attention, no T² term)
-    logits       B · T · V · 4 · 2                  (fp32 logits of the supervised positions and their grad)
+Peak memory (an estimate, shown as such), as the engine builds it (core.train, core.forward). ``base`` is 2 bytes
+an entry under bf16-mixed, 4 under fp32 (core.models.resolve_precision); S is the entries the optimiser updates
+and K the bytes the method keeps besides the model, both from the method (``Method.memory``: S = the trainable
+count for most methods, every entry for FishMask, whose hooks mask dense gradients; K = the copy of the trained
+tensors that full fine-tuning, Freeze and FishMask keep):
+    weights      (total - S) · base + S · 4        (what trains is held in fp32)
+    gradients    S · 4
+    optimiser    S · 8 + K                          (AdamW: two fp32 moments)
+    activations  P · L · A · base, the largest piece of a batch (core.forward.pieces: P positions, at most
+                 piece_budget's cap unless one row is longer), through L blocks that keep A entries a position:
+                 6d + 2·kv + 3·ff for the backward through a frozen block, plus the input of every block linear
+                 whose weights (or a LoRA / adapter on it) train. With gradient checkpointing: P · L · d · base
+                 plus one block's worth.
+                 Plus the LM head, which runs only at supervised positions, CE_CHUNK of them at a time: one
+                 (c, V) block of fp32 logits, turned into its softmax in place (4 bytes an entry, 6 while bf16
+                 logits are copied to fp32).
+No term for a full (B, T, V) logits tensor: the engine never builds one.
 
 Training time (an estimate, shown as such): steps × FLOPs per step / (this machine's measured matmul rate ·
 EFFICIENCY). A step of ``tokens`` positions, ``supervised`` of them trained, costs
@@ -36,7 +46,9 @@ from torch import nn
 
 from core.config import DataConfig, MethodConfig, TrainConfig
 from core.data.batching import val_size
+from core.blocks import find_blocks
 from core.events import duration
+from core.forward import CE_CHUNK, piece_budget
 from core.methods import spec_of
 from core.models import ModelNotFoundError, load_model_config, resolve_precision
 from core.preflight import dry_run
@@ -80,8 +92,8 @@ class Estimate:
 class Estimator:
     """Caches each model's config (one small JSON read per model name); thread-safe."""
 
-    def __init__(self) -> None:
-        self._configs: dict[str, Any] = {}
+    def __init__(self, configs: dict[str, Any] | None = None) -> None:
+        self._configs: dict[str, Any] = dict(configs or {})  # model name -> transformers config
         self._lock = threading.Lock()
 
     def model_config(self, model: str):
@@ -99,30 +111,58 @@ class Estimator:
         number of steps and the tokens per step of the time estimate."""
         seq = min(train.max_len, seq_len or train.max_len)
         run = dry_run(self.model_config(model), method_cfg, seq)  # ValueError names the field
-        trainable, total, shape, m = run.trainable, run.total, run.shape, run.model
+        trainable, total, shape = run.trainable, run.total, run.shape
         virtual = int(getattr(method_cfg, "num_virtual_tokens", 0) or 0) if spec_of(method_cfg).virtual_tokens else 0
-        ff = int(getattr(m.config, "intermediate_size", None) or 4 * shape.hidden_size)
-        bytes_per = 2 if resolve_precision(train.precision, torch.device(device)) == "bf16-mixed" else 4
-        t = seq + virtual
-        b, d, layers = train.batch_size, shape.hidden_size, shape.num_layers
-        if train.grad_checkpointing:
-            acts = b * t * layers * d * bytes_per + b * t * (34 * d + 6 * ff) * bytes_per // 2
-        else:
-            acts = b * t * layers * (34 * d + 6 * ff) * bytes_per // 2
-        logits = b * t * shape.vocab_size * 4 * 2
-        note = ""
-        if seq_len is None:
-            note = "estimate.no_dataset"
-        est = Estimate(trainable, total, total * bytes_per, trainable * 4, trainable * 8, acts + logits, note)
+        precision = resolve_precision(train.precision, torch.device(device))
+        base = 2 if precision == "bf16-mixed" else 4
+        state, kept = run.method.memory(trainable, total, base)
+        supervised = seq  # a position per token, unless the dataset says how many are trained
+        if data is not None and data[0].get("n"):
+            supervised = min(seq, data[0]["supervised_tokens"] / data[0]["n"])
+        acts = activation_bytes(run.model, shape, train, seq + virtual, supervised, torch.device(device), base)
+        est = Estimate(trainable, total, (total - state) * base + state * 4, state * 4, state * 8 + kept, acts,
+                       "" if seq_len is not None else "estimate.no_dataset")
         if data is not None and data[0].get("n"):
             stats, data_cfg = data
             est.steps = planned_steps(train, train_rows(stats["n"], data_cfg))
             mean = min(train.max_len, stats["mean"]) + virtual
             supervised = min(stats["supervised_tokens"] / stats["n"], mean)
             flops = step_flops(shape, total, trainable, train.batch_size * mean, train.batch_size * supervised)
-            precision = resolve_precision(train.precision, torch.device(device))
             est.train_seconds = est.steps * flops / (matmul_rate(device, precision) * EFFICIENCY)
         return est
+
+
+def activation_bytes(model: nn.Module, shape, train: TrainConfig, seq: int, supervised: float, device: torch.device,
+                     base: int) -> int:
+    """Activation memory of the largest piece of a batch (see the module docstring); ``model`` is the dry run's."""
+    cap = piece_budget(device)[0]
+    rows = max(1, min(train.batch_size, cap // max(1, seq)))
+    positions = rows * seq
+    d, layers = shape.hidden_size, shape.num_layers
+    ff = int(getattr(model.config, "intermediate_size", None) or 4 * d)
+    per_position = 6 * d + 2 * shape.kv_dim + 3 * ff + trained_inputs(find_blocks(model)[1][0])
+    if train.grad_checkpointing:
+        body = positions * (layers * d + per_position) * base
+    else:
+        body = positions * layers * per_position * base
+    head = min(CE_CHUNK, math.ceil(rows * supervised)) * shape.vocab_size * (6 if base == 2 else 4)
+    return int(body + head)
+
+
+def trained_inputs(block: nn.Module) -> int:
+    """Entries a position that a block keeps for its trained linear layers: the input of each linear module
+    whose weight, or a LoRA / adapter inside it, trains, once per distinct input (q, k and v read the same one:
+    one per parent module and width)."""
+    widths: dict[tuple[str, int], int] = {}
+    counted: list[str] = []
+    for name, module in block.named_modules():
+        width = getattr(module, "in_features", None) or getattr(module, "nx", None)  # nn.Linear, GPT-2's Conv1D
+        if not width or any(name.startswith(c + ".") for c in counted):
+            continue  # a LoRA's own linears are part of the layer they wrap
+        if any(p.requires_grad for p in module.parameters()):
+            counted.append(name)
+            widths[(name.rpartition(".")[0], int(width))] = int(width)
+    return sum(widths.values())
 
 
 def train_rows(rows: int, data: DataConfig) -> int:

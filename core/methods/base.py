@@ -140,6 +140,13 @@ class Method:
         total = sum(p.numel() for p in model.parameters())
         return trainable, total
 
+    def memory(self, trainable: int, total: int, base_bytes: int) -> tuple[int, int]:
+        """What training holds besides the frozen base, for the studio's memory estimate (studio.estimate):
+        (entries the optimiser updates, each an fp32 weight with its gradient and two AdamW moments; bytes the
+        method keeps besides the model). ``base_bytes``: bytes per entry of the base weights. Methods whose
+        optimiser sees more than their trainable count, or that keep copies, say so here."""
+        return trainable, 0
+
 
 def check_tensors(expected: dict[str, tuple[int, ...]], got: dict[str, Tensor], what: str) -> None:
     """Raise ValueError with a readable sentence when saved tensors do not match what the model expects."""

@@ -95,6 +95,10 @@ class InPlaceMethod(Method):
         for n in names:
             params[n].requires_grad_(True)
 
+    def memory(self, trainable: int, total: int, base_bytes: int) -> tuple[int, int]:
+        """The trained tensors, plus a copy of each as it was at ``apply`` (taken in the base weights' dtype)."""
+        return trainable, trainable * base_bytes
+
     def _require_applied(self) -> dict[str, Tensor]:
         if self._originals is None:
             raise RuntimeError(f"{self.name}: apply(model) has not been called (or the method was removed/baked)")

@@ -70,7 +70,7 @@ class PromptTuningMethod(PromptMethod):
             warnings.warn("prompt_tuning: init='text' without a tokenizer (set method.tokenizer); using init='vocab'")
             init = "vocab"
         if init == "random":
-            std = embed.weight.float().std().item()
+            std = 1.0 if embed.weight.is_meta else embed.weight.float().std().item()  # meta: a dry run
             return torch.randn(m, embed.weight.shape[1], device=device, dtype=dtype) * std
         if init == "vocab":
             ids = torch.randint(0, vocab, (m,), device=device)
