@@ -198,6 +198,14 @@ class TrainConfig(Validated):
                 "auto：GPU 支持 bf16 或 CPU 有 bf16 矩阵单元（AMX、AVX512-BF16）时用 bf16-mixed，否则用 fp32。",
     )
     compile: bool = knob(False, "torch.compile the model (GPU only).")
+    parallel: Literal["auto", "ddp", "fsdp"] = knob(
+        "auto",
+        "Several processes (torchrun): ddp keeps a whole model on each; fsdp (FSDP2) shards the weights, gradients "
+        "and optimiser state of full fine-tuning and Freeze across them. auto: fsdp when that state would fill "
+        "more than half of one device, else ddp. Ignored in one process.",
+        help_zh="多进程（torchrun）时：ddp 在每个进程保留完整模型；fsdp（FSDP2）把全量微调和 Freeze 的权重、梯度和优化器状态"
+                "分片到各进程。auto：这些状态超过单个设备一半内存时用 fsdp，否则用 ddp。单进程时忽略。",
+    )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import nn
 
 from .blocks import ModelShape, model_shape
 from .config import MethodConfig, RunConfig
+from .dist import check_parallel
 from .methods import Method, build_method, spec_of
 from .models import load_model_config, shape_model
 
@@ -72,11 +73,13 @@ def preflight(cfg: RunConfig, model: nn.Module | None = None) -> DryRun | None:
     if config is None:
         return None
     try:
-        return dry_run(config, cfg.method)
+        run = dry_run(config, cfg.method)
     except ValueError:
         raise
     except Exception:  # noqa: BLE001 - what a meta tensor cannot do is not a config problem
         return None
+    check_parallel(cfg.train.parallel, run.method)
+    return run
 
 
 __all__ = ["DryRun", "check_context", "dry_run", "preflight"]

@@ -246,6 +246,8 @@ class RunState:
     loss_module: LossModule  # unwrapped: evaluation runs it directly
     forward: Callable[..., tuple[Tensor, Tensor]]  # loss_module, wrapped in DDP and/or torch.compile
     ddp: nn.Module | None
+    parallel: str  # "single", "ddp" or "fsdp" (core.dist.strategy)
+    sharded: bool  # FSDP2: ``model``'s tensors are DTensor shards (until _wrap_up gathers them)
     autocast: Callable[[], Any]
     grad_labels: list[tuple[str, list[Tensor]]]  # [(block label, its parameters)] for the grad-norm event
     num_layers: int
@@ -311,15 +313,22 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     plan = RunPlan(total_steps=p.total_steps, lr=tc.lr, weight_decay=tc.weight_decay,
                    start_step=checkpoint_step(ckpt) if ckpt is not None else 0)
     method.prepare(model, _training_batches(batches, device), _mean_loss_fn(model, method), plan)
-    optimizer, num_layers = _optimizer(model, method, tc, fp32_master=precision == "bf16-mixed")
+    loss_module = LossModule(model, method)
+    parallel = dist.strategy(tc.parallel, method, method.parameter_counts(model)[0], device, session.world)
+    if parallel == "fsdp" and (resume or tc.save_every):
+        raise ValueError("TrainConfig.save_every / resume: checkpoints of FSDP2 runs are not supported yet (the "
+                         "adapter is saved at the end); use parallel 'ddp', or save_every 0")
+    optimizer, num_layers = _optimizer(model, method, tc, fp32_master=precision == "bf16-mixed",
+                                       shard=loss_module if parallel == "fsdp" else None)
     rng = _restore(session, resume, ckpt, model, optimizer)
     if tc.grad_checkpointing:
         _checkpointing(model, True)
         session.cleanup.callback(_checkpointing, model, False)
-    loss_module = LossModule(model, method)
-    ddp, forward = _wrap_forward(session, loss_module, method.frozen_below(0, 0, num_layers) is not None)
+    ddp, forward = _wrap_forward(session, loss_module, method.frozen_below(0, 0, num_layers) is not None,
+                                 parallel == "ddp")
     trainable, total = method.parameter_counts(model)
-    files.log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters; precision {precision}")
+    files.log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters; precision {precision}"
+              + (f"; {parallel} over {session.world.world_size} processes" if session.world.enabled else ""))
     files.log(describe_groups(optimizer.param_groups))
     start: StartEvent = {
         "type": "start", "step": p.start_step, "total_steps": p.total_steps, "trainable": trainable,
@@ -329,6 +338,7 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
         "resumed_from": p.start_step if rng is not None else None,
     }
     return RunState(session, model, method, optimizer, batches, val_batches, loss_module, forward, ddp,
+                    parallel, parallel == "fsdp",
                     autocast(precision, device), _grad_norm_labels(model, optimizer, num_layers), num_layers,
                     micro_per_step, start, rng, tokenizer, fmt)
 
@@ -350,16 +360,18 @@ def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGrou
     return batches, val_batches, report.format
 
 
-def _optimizer(model: nn.Module, method: Method, tc, fp32_master: bool) -> tuple[torch.optim.Optimizer, int]:
+def _optimizer(model: nn.Module, method: Method, tc, fp32_master: bool,
+               shard: nn.Module | None = None) -> tuple[torch.optim.Optimizer, int]:
     """AdamW over the LLRD param groups of the method's trainable parameters (core.schedules.param_groups), and
-    the number of blocks. ``fp32_master``: trainable weights (and so AdamW's state) in fp32 under a bf16 base."""
-    trainable = method.trainable_parameters(model)
-    if fp32_master:
-        for t in trainable.values():
-            t.data = t.data.float()
-    num_layers = len(find_blocks(model)[1])
-    groups = param_groups(model, trainable, tc.lr, tc.llrd_decay, tc.weight_decay)
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8), num_layers
+    the number of blocks. ``fp32_master``: trainable weights (and so AdamW's state) in fp32 under a bf16 base.
+    ``shard``: the root to shard with FSDP2 first (core.dist.shard), so that AdamW holds the shards."""
+    for t in method.trainable_parameters(model).values() if fp32_master else []:
+        t.data = t.data.float()
+    blocks = find_blocks(model)[1]
+    if shard is not None:
+        dist.shard(shard, blocks)
+    groups = param_groups(model, method.trainable_parameters(model), tc.lr, tc.llrd_decay, tc.weight_decay)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8), len(blocks)
 
 
 def _restore(session: Session, resume: bool, ckpt: Path | None, model: nn.Module, optimizer) -> dict[str, Any] | None:
@@ -381,10 +393,12 @@ def _restore(session: Session, resume: bool, ckpt: Path | None, model: nn.Module
     return state["rng"] if state is not None else None
 
 
-def _wrap_forward(session: Session, loss_module: LossModule, unfreezing: bool) -> tuple[nn.Module | None, Callable]:
-    """(the DDP wrapper or None, the forward the loop calls: DDP and/or torch.compile around ``loss_module``)."""
+def _wrap_forward(session: Session, loss_module: LossModule, unfreezing: bool,
+                  use_ddp: bool) -> tuple[nn.Module | None, Callable]:
+    """(the DDP wrapper or None, the forward the loop calls: DDP and/or torch.compile around ``loss_module``,
+    which FSDP2 may already have sharded in place)."""
     device, ddp = session.device, None
-    if session.world.enabled:
+    if use_ddp:
         ddp = torch.nn.parallel.DistributedDataParallel(
             loss_module,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -449,7 +463,7 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
     norms = _grad_norms(run.grad_labels) if log_now else None  # before clipping
     clip = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf  # inf: only measure the norm
     params = [t for g in run.optimizer.param_groups for t in g["params"]]
-    total_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    total_norm = dist.whole(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP2: a DTensor until made whole
     p.bad |= ~torch.isfinite(total_norm) | ~torch.isfinite(loss_sum)
     return Measured(loss_sum, n_tokens, norms, total_norm)
 
@@ -518,7 +532,8 @@ def _eval_totals(run: RunState):
     """core.evaluate.teacher_forced over the validation set, sharded over the ranks and summed."""
     world, tc = run.session.world, run.cfg.train
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    totals = teacher_forced(run.model, run.method, run.val_batches.examples, pad_id, tc.batch_size, run.autocast,
+    model = dist.gathered(run.model) if run.sharded else run.model  # FSDP2: a whole copy, while it evaluates
+    totals = teacher_forced(model, run.method, run.val_batches.examples, pad_id, tc.batch_size, run.autocast,
                             (world.rank, world.world_size))
     return dist.all_reduce_sum(totals, world)
 
@@ -570,7 +585,8 @@ def _periodic_checkpoint(run: RunState) -> Ending | None:
 
 
 def _save(run: RunState, adapter: bool) -> None:
-    run.files.checkpoint(run.model, run.method, run.optimizer, run.p.trainer_state(), run.cfg.model)
+    if run.parallel != "fsdp":  # no checkpoints of FSDP2 runs yet (setup refuses save_every and resume)
+        run.files.checkpoint(run.model, run.method, run.optimizer, run.p.trainer_state(), run.cfg.model)
     if adapter:
         run.files.adapter(run.model, run.method, run.cfg.model)
     dist.barrier(run.session.world)
@@ -610,6 +626,8 @@ def _wrap_up(run: RunState, ending: Ending) -> Events:
     """What a run that did not fail leaves behind: the final eval (completed runs), the last checkpoint and the
     adapter in ``<run>/adapter/``."""
     run.p.phase = "finishing"
+    if run.sharded:  # FSDP2: evaluation and saving need every tensor whole (a collective, so on every rank)
+        run.model, run.sharded = dist.gathered(run.model), False
     run.model.eval()
     if ending.status == "completed" and run.val_batches is not None:
         yield _final_eval(run)
@@ -724,7 +742,7 @@ def _grad_norms(labels: list[tuple[str, list[Tensor]]]) -> dict[str, Tensor]:
     """{block label: L2 norm of its gradients} as 0-d device tensors (no sync here)."""
     out = {}
     for label, ps in labels:
-        grads = [p.grad.detach().float().norm() for p in ps if p.grad is not None]
+        grads = [dist.whole(p.grad.detach().float().norm()) for p in ps if p.grad is not None]
         if grads:
             out[label] = torch.linalg.vector_norm(torch.stack(grads))
     return out

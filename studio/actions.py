@@ -80,7 +80,7 @@ BY_KEY = {e.key: e for e in ENTRIES}
 DEFAULT_ENTRY = "lora"
 TRAIN_MAIN = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "scheduler", "warmup_steps", "eval_every")
 TRAIN_ADVANCED = ("weight_decay", "max_grad_norm", "save_every", "log_every", "seed", "device", "precision", "grad_checkpointing",
-                  "eval_max_rows", "eval_max_new_tokens")
+                  "parallel", "eval_max_rows", "eval_max_new_tokens")
 TRAIN_FORM = (*TRAIN_MAIN, *TRAIN_ADVANCED, "max_len")  # the Data tab shows max_len
 DATA_FORM = ("path", "fields", "val_fraction", "val_count")
 
@@ -205,6 +205,13 @@ def _device(pref: str, hardware: str) -> str:
     return "cuda" if hardware != "cpu" else "cpu"
 
 
+def _gpus() -> int:
+    """GPUs a run on "cuda" spans: the studio's queue gives a run all of them (studio.jobs)."""
+    from core.models import gpu_count
+
+    return max(1, gpu_count())
+
+
 def detect_hardware() -> str:
     """The advisor's hardware class of this machine: cpu, small_gpu or large_gpu (core.models owns the check)."""
     from core.models import hardware_class
@@ -215,8 +222,9 @@ def detect_hardware() -> str:
 def _estimate(ctx, cfg: RunConfig, dataset: dict | None) -> dict[str, Any]:
     stats = dataset.get("stats") if dataset else None
     seq = min(int(stats["max"]), cfg.train.max_len) if stats else None
-    est = ctx.estimator.estimate(cfg.model, cfg.method, cfg.train, seq, _device(cfg.train.device, detect_hardware()),
-                                 data=(stats, cfg.data) if stats else None)
+    device = _device(cfg.train.device, detect_hardware())
+    est = ctx.estimator.estimate(cfg.model, cfg.method, cfg.train, seq, device, data=(stats, cfg.data) if stats else None,
+                                 world=_gpus() if device == "cuda" else 1)
     return {"trainable": est.trainable, "total": est.total, "percent": est.percent, "peak_bytes": est.peak_bytes,
             "steps": est.steps, "train_seconds": est.train_seconds, "note": t(est.note) if est.note else "",
             "markdown": est.markdown()}

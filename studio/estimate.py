@@ -46,6 +46,7 @@ from torch import nn
 
 from core.config import DataConfig, MethodConfig, TrainConfig
 from core.data.batching import val_size
+from core.dist import DistInfo, strategy
 from core.blocks import find_blocks
 from core.events import duration
 from core.forward import CE_CHUNK, piece_budget
@@ -70,6 +71,8 @@ class Estimate:
     note: str = ""  # a studio.i18n key
     steps: int = 0  # optimiser steps the run will take (0: unknown, no dataset)
     train_seconds: float | None = None  # training time, load and final evaluation excluded
+    world: int = 1  # processes (GPUs) the run spans; the memory figures are per device
+    parallel: str = "single"  # how they share it: ddp or fsdp (core.dist.strategy)
 
     @property
     def percent(self) -> float:
@@ -84,6 +87,8 @@ class Estimate:
         text = t("estimate.summary", trainable=f"{self.trainable:,}", total=f"{self.total:,}",
                  percent=f"{self.percent:.3g}", peak=gb(self.peak_bytes), weights=gb(self.weights_bytes),
                  optimizer=gb(self.grads_bytes + self.optimizer_bytes), activations=gb(self.activation_bytes))
+        if self.world > 1:
+            text += "  \n" + t({"ddp": "estimate.ddp", "fsdp": "estimate.fsdp"}[self.parallel], world=self.world)
         if self.train_seconds is not None:
             text += "  \n" + t("estimate.training", duration=duration(self.train_seconds), steps=self.steps)
         return text + ("  \n" + t(self.note) if self.note else "")
@@ -106,22 +111,30 @@ class Estimator:
             return self._configs[model]
 
     def estimate(self, model: str, method_cfg: MethodConfig, train: TrainConfig, seq_len: int | None = None,
-                 device: str = "cpu", data: tuple[dict, DataConfig] | None = None) -> Estimate:
+                 device: str = "cpu", data: tuple[dict, DataConfig] | None = None, world: int = 1) -> Estimate:
         """``data``: the loaded dataset's length stats (core.data.length_stats) and its DataConfig, for the
-        number of steps and the tokens per step of the time estimate."""
+        number of steps and the tokens per step of the time estimate. ``world``: the processes (GPUs) the run
+        will span; the figures are then per device, with the weights and their training state split over them
+        under FSDP2 (core.dist.strategy says whether the run will take it)."""
         seq = min(train.max_len, seq_len or train.max_len)
         run = dry_run(self.model_config(model), method_cfg, seq)  # ValueError names the field
         trainable, total, shape = run.trainable, run.total, run.shape
         virtual = int(getattr(method_cfg, "num_virtual_tokens", 0) or 0) if spec_of(method_cfg).virtual_tokens else 0
         precision = resolve_precision(train.precision, torch.device(device))
         base = 2 if precision == "bf16-mixed" else 4
-        state, kept = run.method.memory(trainable, total, base)
+        state, kept = run.method.memory(trainable, total, base, torch.device(device).type)
         supervised = seq  # a position per token, unless the dataset says how many are trained
         if data is not None and data[0].get("n"):
             supervised = min(seq, data[0]["supervised_tokens"] / data[0]["n"])
         acts = activation_bytes(run.model, shape, train, seq + virtual, supervised, torch.device(device), base)
         est = Estimate(trainable, total, (total - state) * base + state * 4, state * 4, state * 8 + kept, acts,
-                       "" if seq_len is not None else "estimate.no_dataset")
+                       "" if seq_len is not None else "estimate.no_dataset", world=world)
+        if world > 1:
+            est.parallel = strategy(train.parallel, run.method, trainable, torch.device(device), DistInfo(world_size=world))
+        if est.parallel == "fsdp":  # a 1/world shard of each, plus one whole block while it runs
+            block = (total - shape.vocab_size * shape.hidden_size) // max(1, shape.num_layers) * 4
+            est.weights_bytes = est.weights_bytes // world + block
+            est.grads_bytes, est.optimizer_bytes = est.grads_bytes // world, est.optimizer_bytes // world
         if data is not None and data[0].get("n"):
             stats, data_cfg = data
             est.steps = planned_steps(train, train_rows(stats["n"], data_cfg))

@@ -1,5 +1,7 @@
-"""Data parallel training: ``torchrun --nproc_per_node 2`` on CPU (gloo) gives the loss and the weights of one
-process that accumulates the same global batch (2 ranks x 1 micro-batch == 1 process x 2 micro-batches)."""
+"""Training across processes: ``torchrun --nproc_per_node 2`` on CPU (gloo) gives the losses and the weights of one
+process that accumulates the same global batch (2 ranks x 1 micro-batch == 1 process x 2 micro-batches), under DDP
+(LoRA) and under FSDP2 (full fine-tuning with LLRD, every weight sharded across the two ranks). Plus how
+``TrainConfig.parallel`` = auto chooses between them, and the settings FSDP2 refuses."""
 
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from core.config import DataConfig, RunConfig, TrainConfig
+from core.dist import DistInfo, strategy
+from core.methods import build_method
+from core.methods.full import FullConfig
 from core.methods.lora import LoraConfig
+from core.preflight import preflight
 from core.models import load_model
 from core.train import train
 from test_train import save_tiny_lm, write_qa
@@ -22,37 +28,47 @@ from test_train import save_tiny_lm, write_qa
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(model_dir: Path, data: Path, grad_accum: int) -> RunConfig:
+CASES = {  # parallel -> (method, train settings): what each strategy is for
+    "ddp": (LoraConfig(r=4, targets=["q_proj", "v_proj"]), {"lr": 1e-2}),
+    "fsdp": (FullConfig(), {"lr": 1e-3, "llrd_decay": 0.8}),
+}
+
+
+def _config(model_dir: Path, data: Path, grad_accum: int, parallel: str) -> RunConfig:
+    method, train = CASES[parallel]
     return RunConfig(
         model=str(model_dir),
-        method=LoraConfig(r=4, targets=["q_proj", "v_proj"]),
-        train=TrainConfig(lr=1e-2, max_steps=3, batch_size=3, grad_accum=grad_accum, max_len=64, device="cpu",
-                          scheduler="linear", weight_decay=0.01, seed=3),
+        method=method,
+        train=TrainConfig(max_steps=3, batch_size=3, grad_accum=grad_accum, max_len=64, device="cpu",
+                          scheduler="linear", weight_decay=0.01, seed=3, parallel=parallel, **train),
         data=DataConfig(path=str(data), val_count=3),
     )
 
 
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("parallel", sorted(CASES))
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, parallel):
     model_dir = save_tiny_lm(tmp_path / "model", init=0.5)
     data = write_qa(tmp_path / "qa.json", n=15)  # 12 train: 4 micro-batches of 3, a step takes 2
 
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    _config(model_dir, data, grad_accum=1).save(ddp_dir / "config.yaml")
+    _config(model_dir, data, grad_accum=1, parallel=parallel).save(ddp_dir / "config.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "core", "train", "--config", str(ddp_dir / "config.yaml")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, p.stderr[-6000:]
 
     model, tok = load_model(str(model_dir), device="cpu")
-    single = list(train(_config(model_dir, data, grad_accum=2), tmp_path / "single", model=model, tokenizer=tok))
+    single = list(train(_config(model_dir, data, grad_accum=2, parallel=parallel), tmp_path / "single", model=model,
+                        tokenizer=tok))
 
     events = [json.loads(x) for x in (ddp_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["type"] for e in events].count("start") == 1  # only rank 0 writes
     assert events[0]["world_size"] == 2 and events[-1]["status"] == "completed"
+    assert f"{parallel} over 2 processes" in (ddp_dir / "train.log").read_text()
     pick = lambda evs, t, k: [e[k] for e in evs if e["type"] == t]  # noqa: E731
     assert pick(events, "step", "loss") == pytest.approx(pick(single, "step", "loss"), rel=1e-5)
     # the gradient itself (AdamW alone would hide a wrong scale): the norms before clipping, per block
@@ -64,3 +80,24 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_auto_shards_only_a_method_that_trains_the_base_and_does_not_fit_one_device(monkeypatch):
+    import core.dist as dist
+
+    two, cpu = DistInfo(rank=0, world_size=2), torch.device("cpu")
+    full, lora = build_method(FullConfig()), build_method(LoraConfig())
+    monkeypatch.setattr(dist, "device_memory", lambda device, info: 16 * 10**9)
+    assert strategy("auto", full, 10**9, cpu, two) == "fsdp"  # 16 GB of training state > half of 16 GB
+    assert strategy("auto", full, 10**8, cpu, two) == "ddp"
+    assert strategy("auto", lora, 10**9, cpu, two) == "ddp"  # its own small tensors: nothing to shard
+    assert strategy("ddp", full, 10**9, cpu, two) == "ddp"
+    assert strategy("fsdp", full, 10, cpu, DistInfo()) == "single"  # one process
+
+
+def test_fsdp_refuses_a_method_that_does_not_train_the_base(tmp_path):
+    model_dir = save_tiny_lm(tmp_path / "model")
+    cfg = RunConfig(model=str(model_dir), method=LoraConfig(r=4), train=TrainConfig(parallel="fsdp"),
+                    data=DataConfig(path="x.json"))
+    with pytest.raises(ValueError, match="TrainConfig.parallel = 'fsdp' is invalid: .* not lora"):
+        preflight(cfg)

@@ -84,3 +84,23 @@ def test_estimate_within_30_percent_under_bf16_mixed(name, tmp_path):
                     data=DataConfig(path=str(data), val_fraction=0.0))
     measured, estimated = measured_and_estimated(cfg, tiny_lm(), tokenizer(), tmp_path)
     assert abs(estimated / measured - 1) <= TOLERANCE, (name, measured, estimated)
+
+
+def test_across_several_gpus_the_estimate_names_the_strategy_and_splits_what_fsdp_shards(monkeypatch):
+    import core.dist as dist
+    from core.methods import method_config
+
+    config = tiny_lm().config
+    train_cfg = TrainConfig(batch_size=8, max_len=64)
+    estimator = Estimator({"tiny": config})
+    one = estimator.estimate("tiny", method_config("full"), train_cfg, 64)
+    monkeypatch.setattr(dist, "device_memory", lambda device, info: 10**12)  # fits: auto keeps whole copies
+    ddp = estimator.estimate("tiny", method_config("full"), train_cfg, 64, world=4)
+    assert ddp.parallel == "ddp" and ddp.peak_bytes == one.peak_bytes and "DDP" in ddp.markdown()
+    monkeypatch.setattr(dist, "device_memory", lambda device, info: 10**6)  # does not fit one device
+    fsdp = estimator.estimate("tiny", method_config("full"), train_cfg, 64, world=4)
+    assert fsdp.parallel == "fsdp" and "FSDP2" in fsdp.markdown()
+    assert fsdp.grads_bytes == one.grads_bytes // 4 and fsdp.optimizer_bytes == one.optimizer_bytes // 4
+    assert fsdp.weights_bytes < one.weights_bytes / 2
+    lora = estimator.estimate("tiny", method_config("lora"), train_cfg, 64, world=4)
+    assert lora.parallel == "ddp"  # nothing of the base trains: nothing to shard

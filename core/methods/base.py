@@ -43,6 +43,8 @@ class Method:
     peft_type: ClassVar[str | None] = None
     #: True when the trained result can be folded into the base weights (LoRA, BitFit, Freeze, FishMask, full)
     can_merge: ClassVar[bool] = False
+    #: True when the method trains the model's own tensors in place, which FSDP2 can shard (core.dist.strategy)
+    shards_base: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.config_cls):
@@ -140,11 +142,12 @@ class Method:
         total = sum(p.numel() for p in model.parameters())
         return trainable, total
 
-    def memory(self, trainable: int, total: int, base_bytes: int) -> tuple[int, int]:
+    def memory(self, trainable: int, total: int, base_bytes: int, device: str) -> tuple[int, int]:
         """What training holds besides the frozen base, for the studio's memory estimate (studio.estimate):
         (entries the optimiser updates, each an fp32 weight with its gradient and two AdamW moments; bytes the
-        method keeps besides the model). ``base_bytes``: bytes per entry of the base weights. Methods whose
-        optimiser sees more than their trainable count, or that keep copies, say so here."""
+        method keeps besides the model on ``device``, "cpu" or "cuda"). ``base_bytes``: bytes per entry of the
+        base weights. Methods whose optimiser sees more than their trainable count, or that keep copies, say so
+        here."""
         return trainable, 0
 
 

@@ -174,7 +174,7 @@ class FishMaskMethod(Method):
             return self.keep_count(total, self.config.keep_ratio), total  # type: ignore[attr-defined]
         return sum(int(m.sum()) for m in self._masks.values()), total
 
-    def memory(self, trainable: int, total: int, base_bytes: int) -> tuple[int, int]:
+    def memory(self, trainable: int, total: int, base_bytes: int, device: str) -> tuple[int, int]:
         """The global top-k touches nearly every tensor, and a touched tensor trains whole (its gradient and AdamW
         state are dense; the hook masks them): the optimiser holds ~every entry, plus an exact copy of each
         trained tensor and its bool mask (1 byte an entry)."""

@@ -71,6 +71,7 @@ class InPlaceMethod(Method):
     """
 
     can_merge = True
+    shards_base = True
     format_note = "trainable tensors under their Hugging Face parameter names"
 
     def __init__(self, config):
@@ -95,9 +96,10 @@ class InPlaceMethod(Method):
         for n in names:
             params[n].requires_grad_(True)
 
-    def memory(self, trainable: int, total: int, base_bytes: int) -> tuple[int, int]:
-        """The trained tensors, plus a copy of each as it was at ``apply`` (taken in the base weights' dtype)."""
-        return trainable, trainable * base_bytes
+    def memory(self, trainable: int, total: int, base_bytes: int, device: str) -> tuple[int, int]:
+        """The trained tensors, plus a copy of each as it was at ``apply`` (in the base weights' dtype), which
+        lives in host memory: it counts on the CPU only."""
+        return trainable, trainable * base_bytes if device == "cpu" else 0
 
     def _require_applied(self) -> dict[str, Tensor]:
         if self._originals is None:
