@@ -147,12 +147,13 @@ def test_a_chat_reply_holds_a_share_while_it_streams(tmp_path, tiny_model_dir):
     assert int((tmp_path / "run" / THREADS_FILE).read_text()) == 2  # the run gets its core back
 
 
-def test_chat_decoding_runs_ahead_of_a_slow_page():
-    """studio.chat.ahead: the reply decodes in its own thread; a slow consumer (the page) gets several tokens
-    per update, the concatenation is the whole reply, and closing it early stops the decoding."""
+def test_chat_updates_come_a_few_a_second_and_carry_every_token():
+    """studio.chat.coalesced: the first piece at once, then at most one every ``every`` seconds, each all the text
+    decoded since the previous one; the concatenation is the whole reply; closing it stops the decoding; an error
+    still shows what was decoded before it."""
     import time
 
-    from studio.chat import ahead
+    from studio.chat import coalesced
 
     made: list[str] = []
 
@@ -162,20 +163,20 @@ def test_chat_decoding_runs_ahead_of_a_slow_page():
             made.append(f"t{k} ")
             yield f"t{k} "
 
-    chunks = []
-    for chunk in ahead(tokens()):
+    start, chunks, times = time.perf_counter(), [], []
+    for chunk in coalesced(tokens(), every=0.05):
         chunks.append(chunk)
-        time.sleep(0.03)  # the page: slower than decoding
+        times.append(time.perf_counter() - start)
     assert "".join(chunks) == "".join(f"t{k} " for k in range(40))
-    assert len(chunks) < 20  # coalesced: far fewer updates than tokens
+    assert chunks[0] == "t0 " and times[0] < 0.05  # the first token is shown at once
+    assert len(chunks) <= 8  # ~0.25 s of tokens in pieces of >= 0.05 s, not 40 updates
+    assert all(b - a >= 0.045 for a, b in zip(times[1:-1], times[2:-1]))
 
     made.clear()
-    it = ahead(tokens(n=1000, every_s=0.002))
+    it = coalesced(tokens(n=1000, every_s=0.002), every=0.0)
     next(it)
-    it.close()  # the user left: decoding stops after its current token
-    stopped_at = len(made)
-    time.sleep(0.05)
-    assert len(made) == stopped_at < 1000
+    it.close()  # the user left: decoding stops
+    assert len(made) < 5
 
     def broken():
         yield "a"
@@ -183,6 +184,6 @@ def test_chat_decoding_runs_ahead_of_a_slow_page():
 
     got = []
     with pytest.raises(ValueError, match="prompt is empty"):
-        for chunk in ahead(broken()):
+        for chunk in coalesced(broken()):
             got.append(chunk)
     assert got == ["a"]  # what was decoded before the error is still shown
