@@ -11,6 +11,10 @@ Where the time and memory of a fine-tuning step go, and what this module does ab
   every real position (a real token never looks right, where the padding is), so the model gets no mask: SDPA
   takes its causal kernel, with no (B, 1, T, T) mask and no copies of the grouped K/V heads. Our batches are
   always right-padded (core.data.collate), so the training loop passes None.
+* On CUDA, ``packed`` puts a batch's sequences back to back in rows with no padding at all, positions
+  restarting at each sequence, which transformers turns into attention within each sequence (flash-attention's
+  varlen kernel, or SDPA with a block-diagonal causal mask). On the CPU, where SDPA's fast kernel is causal-only,
+  length-sorted pieces (next) do the same job without a mask.
 * ``pieces`` cuts a batch into length-sorted row groups (at most ``max_tokens`` padded positions each, chosen to
   minimise padding plus a per-call overhead), each trimmed to its own longest row; summing the losses of the
   pieces (backward after each) gives the gradient of the whole batch, with less padding and activation memory
@@ -40,17 +44,21 @@ def piece_budget(device: torch.device) -> tuple[int, int]:
 
 
 def hidden_states(
-    model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None = None
+    model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
 ) -> Tensor:
     """Last hidden states (B, T, d) aligned with ``input_ids``; virtual tokens of prompt methods are stripped.
 
-    ``attention_mask`` None: no padding, or right padding only (see the module docstring)."""
+    ``attention_mask`` None: no padding, or right padding only (see the module docstring). ``position_ids``: a
+    packed row (``packed``), positions restarting at 0 for each sequence; attention stays within each."""
     if method is None:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     elif method.num_virtual_tokens and attention_mask is None:  # they extend the mask over their positions
         kwargs = method.prepare_inputs(model, input_ids, torch.ones_like(input_ids))
     else:
         kwargs = method.prepare_inputs(model, input_ids, attention_mask)
+    if position_ids is not None:  # transformers reads the sequence starts from them (packed-sequence support)
+        kwargs["position_ids"] = position_ids
     h = model.base_model(**kwargs, use_cache=False).last_hidden_state
     # prompt-style methods prepend virtual positions to the sequence; prefix-style ones put them in the cache
     return h[:, h.shape[1] - input_ids.shape[1] :]
@@ -62,14 +70,15 @@ def logits(model: nn.Module, method: Method | None, input_ids: Tensor, attention
 
 
 def supervised_loss(
-    model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
+    model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+    position_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(sum of token cross-entropies, number of supervised tokens) for a batch.
+    """(sum of token cross-entropies, number of supervised tokens) for a batch, or a packed row (``packed``).
 
     labels[b, t] is the token to predict at position t (already aligned with input_ids, like HF: the shift by
     one happens here), or IGNORE. Only positions with a label reach the LM head.
     """
-    h = hidden_states(model, method, input_ids, attention_mask)  # (B, T, d)
+    h = hidden_states(model, method, input_ids, attention_mask, position_ids)  # (B, T, d)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
     h = h[:, :-1][keep]  # (N, d) supervised positions only
@@ -168,4 +177,37 @@ def pieces(
     for g in reversed(groups):
         rows, t = torch.tensor(g), max(1, lengths[g[0]])
         out.append((input_ids[rows, :t], labels[rows, :t]))
+    return out
+
+
+def packed(
+    input_ids: Tensor, attention_mask: Tensor, labels: Tensor, max_tokens: int
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Padding-free packing: a right-padded batch as rows of (1, n) (input_ids, labels, position_ids), each the
+    real tokens of consecutive sequences (at most ``max_tokens``, unless one sequence is longer).
+
+    position_ids restart at 0 at every sequence, which is how transformers finds the sequences of a packed row
+    (flash-attention's varlen kernel, or SDPA with a block-diagonal causal mask), so no token attends to another
+    sequence, and rotary positions are those of the sequence alone. Each sequence's first label becomes IGNORE:
+    in a packed row it would be the target of the previous sequence's last token, and in the batch it is never a
+    target. The summed loss and its gradient equal the padded batch's. Call on CPU tensors (reads lengths)."""
+    lengths = attention_mask.sum(1).tolist()
+    rows, out, size = [], [], 0
+
+    def flush() -> None:
+        ids = torch.cat([input_ids[r, :n] for r, n in rows])[None]
+        lab = torch.cat([torch.cat([labels.new_full((1,), IGNORE), labels[r, 1:n]]) for r, n in rows])[None]
+        pos = torch.cat([torch.arange(n) for _, n in rows])[None]
+        out.append((ids, lab, pos))
+
+    for r, n in enumerate(lengths):
+        if n == 0:
+            continue
+        if rows and size + n > max_tokens:
+            flush()
+            rows, size = [], 0
+        rows.append((r, n))
+        size += n
+    if rows:
+        flush()
     return out

@@ -95,8 +95,8 @@ from .events import (
     write_atomic,
     write_status,
 )
-from .forward import piece_budget, pieces, supervised_loss
-from .methods import Method, build_method, spec
+from .forward import packed, piece_budget, pieces, supervised_loss
+from .methods import Method, build_method, spec, spec_of
 from .methods.base import RunPlan
 from .models import (
     autocast, base_dtype, hold_weights_in, load_model, load_tokenizer, peak_memory_bytes, resolve_device,
@@ -107,6 +107,7 @@ from .schedules import apply_unfreezing, describe_groups, lr_multiplier, param_g
 from .threads import ThreadShare
 
 STOP_FILE = "STOP"
+PACKED_ON = ("cuda",)  # device types whose micro-batches run as packed rows (``_work``)
 Events = Generator[dict[str, Any], None, Any]
 
 
@@ -352,9 +353,11 @@ def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGrou
     if not train_set:
         raise ValueError(f"DataConfig.path = {cfg.data.path!r}: no training examples left after the split")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # on CPU each batch runs as length-sorted pieces (core.forward.pieces), which removes the padding that
-    # length grouping would save, so batches stay uniformly random there (grouping costs quality)
-    batches = LengthGroupedBatches(train_set, tc.batch_size, tc.seed, pad_id, group=session.device.type != "cpu")
+    # batches stay uniformly random (length grouping costs quality) where nothing is padded: packed rows on CUDA,
+    # length-tight pieces on the CPU (core.forward, _work); other runs pad each batch, so they group by length
+    device = session.device.type
+    grouped = device != "cpu" and (device not in PACKED_ON or spec_of(cfg.method).virtual_tokens)
+    batches = LengthGroupedBatches(train_set, tc.batch_size, tc.seed, pad_id, group=grouped)
     val_batches = LengthGroupedBatches(val_set, tc.batch_size, tc.seed, pad_id, shuffle=False) if val_set else None
     session.files.log(f"{report.summary()}\ndata: {len(train_set)} train / {len(val_set)} val examples")
     return batches, val_batches, report.format
@@ -448,14 +451,14 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
     n_tokens = sum(b.n_supervised() for b in group)  # CPU tensors: no device sync
     mine = group[world.rank * tc.grad_accum : (world.rank + 1) * tc.grad_accum]
     scale = world.world_size / max(1, n_tokens)  # DDP averages over ranks; we want the global sum
-    # each micro-batch runs as length-sorted, right-padded pieces: no attention mask needed (core.forward)
-    work = [x for b in mine for x in pieces(b.input_ids, b.attention_mask, b.labels, *piece_budget(device))]
+    work = [x for b in mine for x in _work(b, device, run.method)]
     loss_sum = torch.zeros((), device=device)
-    for i, (ids, labels) in enumerate(work):
+    for i, (ids, labels, pos) in enumerate(work):
         sync = run.ddp.no_sync() if run.ddp is not None and i < len(work) - 1 else nullcontext()
         with sync:
             with run.autocast():
-                part, _ = run.forward(ids.to(device, non_blocking=True), None, labels.to(device, non_blocking=True))
+                part, _ = run.forward(ids.to(device, non_blocking=True), None, labels.to(device, non_blocking=True),
+                                      None if pos is None else pos.to(device, non_blocking=True))
             (part * scale).backward()
         loss_sum += part.detach().float()
     p.tokens_since_log += n_tokens
@@ -466,6 +469,18 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
     total_norm = dist.whole(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP2: a DTensor until made whole
     p.bad |= ~torch.isfinite(total_norm) | ~torch.isfinite(loss_sum)
     return Measured(loss_sum, n_tokens, norms, total_norm)
+
+
+def _work(batch, device: torch.device, method: Method) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """A micro-batch as the (input_ids, labels, position_ids or None) calls the loop makes (core.forward): packed
+    rows on GPUs (PACKED_ON), where a block-diagonal mask costs little and padding costs a lot; elsewhere, or
+    for methods that prepend virtual tokens to each sequence, length-sorted right-padded pieces, which need no
+    mask at all (SDPA's causal kernel)."""
+    cap, overhead = piece_budget(device)
+    if device.type in PACKED_ON and not method.num_virtual_tokens:
+        return packed(batch.input_ids, batch.attention_mask, batch.labels, cap)
+    return [(ids, labels, None) for ids, labels in pieces(batch.input_ids, batch.attention_mask, batch.labels, cap,
+                                                          overhead)]
 
 
 def _read_metrics(run: RunState, m: Measured) -> tuple[float, dict[str, float]]:
@@ -688,8 +703,9 @@ class LossModule(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
-        return supervised_loss(self.model, self.method, input_ids, attention_mask, labels)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return supervised_loss(self.model, self.method, input_ids, attention_mask, labels, position_ids)
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:

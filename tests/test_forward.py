@@ -10,7 +10,7 @@ from torch import nn
 
 from core.config import method_config
 from core.data import Example, LengthGroupedBatches, collate
-from core.forward import IGNORE, head_cross_entropy, pieces, supervised_loss
+from core.forward import IGNORE, head_cross_entropy, packed, pieces, supervised_loss
 from core.methods import build_method
 from tiny import TINY_MODELS
 
@@ -79,6 +79,44 @@ def test_pieces_without_mask_give_the_padded_batch_gradient(arch, kind):
         assert loss == pytest.approx(want_loss, rel=1e-5)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_packed_rows_give_the_padded_batch_loss_and_gradient(arch, kind):
+    """Padding-free packing (the CUDA path): sequences back to back in one row, positions restarting at each,
+    equal the padded batch exactly, including a sequence whose every token is trained (its first label would
+    otherwise be the previous sequence's target)."""
+    model = TINY_MODELS[arch]()
+    torch.manual_seed(0)
+    method = build_method(method_config(kind, {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {}))
+    method.apply(model)
+    with torch.no_grad():
+        for p in method.trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    params = list(method.trainable_parameters(model).values())
+    examples = _examples([12, 5, 9, 3, 12, 7])
+    examples[3] = Example(examples[3].input_ids, list(examples[3].input_ids))  # every token trained
+    b = collate(examples, pad_id=0)
+
+    def grads(parts):
+        for p in params:
+            p.grad = None
+        total, count = 0.0, 0
+        for ids, mask, labels, pos in parts:
+            s, n = supervised_loss(model, method, ids, mask, labels, pos)
+            s.backward()
+            total, count = total + float(s.detach()), count + int(n)
+        return total, count, [p.grad.clone() for p in params]
+
+    want_loss, want_n, want = grads([(b.input_ids, b.attention_mask, b.labels, None)])
+    rows = packed(b.input_ids, b.attention_mask, b.labels, max_tokens=30)
+    assert [tuple(ids.shape) for ids, _, _ in rows] == [(1, 29), (1, 19)]  # 12+5+9+3, then 12+7: no padding
+    assert rows[0][2].tolist() == [[*range(12), *range(5), *range(9), *range(3)]]
+    loss, n, got = grads([(ids, None, labels, pos) for ids, labels, pos in rows])
+    assert n == want_n and loss == pytest.approx(want_loss, rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_pieces_trim_padding_and_respect_the_budget():

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from core.checkpoint import list_checkpoints, load_adapter
 from core.config import DataConfig, RunConfig, TrainConfig, method_config
 from core.events import EndEvent, EvalEvent, StartEvent, Status, StepEvent, read_events, read_status
+from core.forward import packed
 from core.methods.full import FullConfig
 from core.methods.lora import LoraConfig
 from core.forward import logits
@@ -319,3 +320,19 @@ def test_bad_data_fails_with_a_clear_error(tmp_path):
         run(run_config(bad), tmp_path / "run")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and "bad.json" in status["reason"]
+
+
+def test_packed_rows_train_as_the_length_tight_pieces(tmp_path, monkeypatch):
+    """The CUDA path (padding-free packed rows, core.train._work) forced on the CPU: the same losses and gradient
+    norms as the CPU's pieces, step after step."""
+    import core.train as core_train
+
+    cfg = run_config(write_qa(tmp_path / "qa.json", n=16), max_steps=4, batch_size=4)
+    want = steps(run(cfg, tmp_path / "pieces"))
+    monkeypatch.setattr(core_train, "PACKED_ON", ("cpu",))
+    calls = []
+    monkeypatch.setattr(core_train, "packed", lambda *a: calls.append(1) or packed(*a))
+    got = steps(run(cfg, tmp_path / "packed"))
+    assert len(calls) == 4  # every micro-batch went through packing
+    assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-5)
+    assert [e["grad_norm"]["total"] for e in got] == pytest.approx([e["grad_norm"]["total"] for e in want], rel=1e-4)
