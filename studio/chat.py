@@ -7,6 +7,8 @@ the request and unfolds it afterwards, so the latency of both forms can be compa
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -74,11 +76,15 @@ class ChatService:
         with self._lock:
             bank = self._ensure(model_name)
             on_cpu = next(bank.model.parameters()).device.type == "cpu"
+            replies = (r for i, (col, messages) in enumerate(zip(columns, histories))
+                       for r in self._one(bank, i, col, messages, settings, merged))
+            if on_cpu and self.cores.training():  # the job keeps its cores; the reply takes what they leave
+                yield from in_background(replies, BACKGROUND_NICE)
+                return
             with self.cores.held("chat") if on_cpu else nullcontext(0) as threads:
                 if threads:
                     torch.set_num_threads(threads)
-                for i, (col, messages) in enumerate(zip(columns, histories)):
-                    yield from self._one(bank, i, col, messages, settings, merged)
+                yield from replies
 
     def _one(self, bank, i, col, messages, settings, merged) -> Iterator[Reply]:
         try:
@@ -117,6 +123,47 @@ class ChatService:
         if out is not None and out.notice:
             parts.append(localize(out.notice))
         yield Reply(i, text, " · ".join(parts), True)
+
+
+BACKGROUND_NICE = 10  # a reply's niceness while a job trains on the same cores: it gets ~10% of a contended core
+_END = object()
+
+
+def in_background(items: Iterator, nice: int) -> Iterator:
+    """``items`` produced in a thread of their own, with one torch thread and OS priority lowered by ``nice``
+    (Linux: per thread), so that a training job on the same cores loses little to it. Errors are raised here;
+    closing this iterator stops the producer after its current item."""
+    out: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            try:
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            except (AttributeError, OSError):  # not Linux: the normal priority
+                pass
+            torch.set_num_threads(1)
+            for item in items:
+                out.put(item)
+                if stop.is_set():
+                    break
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            out.put(e)
+        finally:
+            getattr(items, "close", lambda: None)()
+            out.put(_END)
+
+    thread = threading.Thread(target=produce, name="chat-background", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 UPDATE_EVERY_S = 0.2  # at most ~5 page updates a second

@@ -2,8 +2,9 @@
 
 Each consumer joins while it runs and leaves when it ends; every change re-splits the cores evenly
 (core.threads.share) and writes each training worker's new share to its ``<run>/THREADS`` file, which the worker
-applies after its current step. On 2 cores a training run alone gets both; while a chat reply streams, each
-gets one, and the run takes both back when the reply ends. Evaluation workers get their share when they start
+applies after its current step. On 2 cores a training run alone gets both. A chat reply takes an even share only
+while nothing trains; while a run trains, the reply yields to it instead (studio.chat.in_background: one thread
+at a low priority) and the run keeps every core. Evaluation workers get their share when they start
 (OMP_NUM_THREADS) and keep it. GPU workers do not count: their work is on the GPU.
 """
 
@@ -41,6 +42,11 @@ class CoreShare:
         with self._lock:
             self._holders.pop(key, None)
             self._publish()
+
+    def training(self) -> bool:
+        """Whether a training worker holds a share now."""
+        with self._lock:
+            return any(run_dir is not None for run_dir in self._holders.values())
 
     @contextmanager
     def held(self, key: str) -> Iterator[int]:

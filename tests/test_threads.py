@@ -131,7 +131,7 @@ def test_queue_starts_a_cpu_worker_with_its_share_and_re_splits_for_chat(tmp_pat
 
 
 @TWO_CORES
-def test_a_chat_reply_holds_a_share_while_it_streams(tmp_path, tiny_model_dir):
+def test_a_chat_reply_yields_to_a_training_job_and_takes_every_core_when_alone(tmp_path, tiny_model_dir):
     from core.generate import GenerationSettings
     from studio.chat import ChatService, Column
 
@@ -140,11 +140,36 @@ def test_a_chat_reply_holds_a_share_while_it_streams(tmp_path, tiny_model_dir):
     cores.join("run", tmp_path / "run")
     chat = ChatService(cores)
     settings = GenerationSettings(max_new_tokens=3, temperature=0.0)
-    during = [(int((tmp_path / "run" / THREADS_FILE).read_text()), torch.get_num_threads())
-              for _ in chat.reply(tiny_model_dir, [Column("base", "base", None)], [[{"role": "user", "content": "Hi"}]],
-                                  settings)]
-    assert during and all(d == (1, 1) for d in during)  # the run and the reply: one core each
-    assert int((tmp_path / "run" / THREADS_FILE).read_text()) == 2  # the run gets its core back
+    ask = lambda: chat.reply(tiny_model_dir, [Column("base", "base", None)], [[{"role": "user", "content": "Hi"}]],  # noqa: E731
+                             settings)
+    during = [int((tmp_path / "run" / THREADS_FILE).read_text()) for _ in ask()]
+    assert during and set(during) == {2}  # the run keeps both cores (the reply: in_background, tested below)
+    cores.leave("run")
+    assert [torch.get_num_threads() for _ in ask()][-1] == 2  # nothing trains: the reply takes both
+
+
+def test_background_items_come_from_a_thread_of_lower_priority():
+    import os
+    import threading
+
+    from studio.chat import in_background
+
+    def niceness():
+        yield os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        yield torch.get_num_threads()
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert list(in_background(niceness(), 7)) == [max(base, 7), 1]
+
+    def broken():
+        yield "a"
+        raise ValueError("the prompt is empty")
+
+    got = []
+    with pytest.raises(ValueError, match="prompt is empty"):
+        for item in in_background(broken(), 7):
+            got.append(item)
+    assert got == ["a"]
 
 
 def test_chat_updates_come_a_few_a_second_and_carry_every_token():
