@@ -1,6 +1,7 @@
 """Training across processes: ``torchrun --nproc_per_node 2`` on CPU (gloo) gives the losses and the weights of one
 process that accumulates the same global batch (2 ranks x 1 micro-batch == 1 process x 2 micro-batches), under DDP
-(LoRA) and under FSDP2 (full fine-tuning with LLRD, every weight sharded across the two ranks). Plus how
+(LoRA) and under FSDP2 (full fine-tuning with LLRD, and with gradual unfreezing under gradient checkpointing, every
+weight sharded across the two ranks). Plus how
 ``TrainConfig.parallel`` = auto chooses between them, and the settings FSDP2 refuses."""
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from test_train import save_tiny_lm, write_qa
 ROOT = Path(__file__).resolve().parents[1]
 
 
-CASES = {  # parallel -> (method, train settings): what each strategy is for
-    "ddp": (LoraConfig(r=4, targets=["q_proj", "v_proj"]), {"lr": 1e-2}),
-    "fsdp": (FullConfig(), {"lr": 1e-3, "llrd_decay": 0.8}),
+CASES = {  # name -> (parallel, method, train settings): what each strategy is for
+    "ddp": ("ddp", LoraConfig(r=4, targets=["q_proj", "v_proj"]), {"lr": 1e-2}),
+    "fsdp": ("fsdp", FullConfig(), {"lr": 1e-3, "llrd_decay": 0.8}),
+    "fsdp-unfreezing": ("fsdp", FullConfig(unfreeze_every=1), {"lr": 1e-3, "grad_checkpointing": True}),
 }
 
 
-def _config(model_dir: Path, data: Path, grad_accum: int, parallel: str) -> RunConfig:
-    method, train = CASES[parallel]
+def _config(model_dir: Path, data: Path, grad_accum: int, case: str) -> RunConfig:
+    parallel, method, train = CASES[case]
     return RunConfig(
         model=str(model_dir),
         method=method,
@@ -45,14 +47,15 @@ def _config(model_dir: Path, data: Path, grad_accum: int, parallel: str) -> RunC
     )
 
 
-@pytest.mark.parametrize("parallel", sorted(CASES))
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, parallel):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, case):
+    parallel = CASES[case][0]
     model_dir = save_tiny_lm(tmp_path / "model", init=0.5)
     data = write_qa(tmp_path / "qa.json", n=15)  # 12 train: 4 micro-batches of 3, a step takes 2
 
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    _config(model_dir, data, grad_accum=1, parallel=parallel).save(ddp_dir / "config.yaml")
+    _config(model_dir, data, grad_accum=1, case=case).save(ddp_dir / "config.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -62,7 +65,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert p.returncode == 0, p.stderr[-6000:]
 
     model, tok = load_model(str(model_dir), device="cpu")
-    single = list(train(_config(model_dir, data, grad_accum=2, parallel=parallel), tmp_path / "single", model=model,
+    single = list(train(_config(model_dir, data, grad_accum=2, case=case), tmp_path / "single", model=model,
                         tokenizer=tok))
 
     events = [json.loads(x) for x in (ddp_dir / "metrics.jsonl").read_text().splitlines()]
