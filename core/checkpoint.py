@@ -18,6 +18,7 @@ Training checkpoints (``<run>/checkpoints/step-N/``, written by core.train, the 
                                 adapter folder does not hold (prefix tuning's reparameterising MLP, P-Tuning's
                                 prompt encoder)
     optimizer.pt                ``optimizer.state_dict()`` (tensors, numbers and strings only)
+    (whole tensors, also from an FSDP2 run: ``training_state`` gathers the shards, ``load_checkpoint`` cuts them)
     rng.pt                      torch (CPU and CUDA) and Python RNG states
     trainer_state.json          {"step", "micro_batches", "elapsed_s", "supervised_tokens"}: optimiser steps done,
                                 micro-batches consumed (the data position: epoch = micro_batches // batches per
@@ -44,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import dist
 from .blocks import model_shape
 from .methods import Method, build_method, method_config, specs
 
@@ -210,28 +212,48 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                   keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What the optimiser owns, whole and on the CPU: every trainable parameter by name (including those gradual
+    unfreezing holds back for now) and AdamW's state dict. ``model`` is the module whose parameters the optimiser
+    holds. Under FSDP2 every shard is gathered: a collective, so every rank calls it; ranks that do not write
+    pass ``keep=False`` and get nothing back."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    trainable = {}
+    for p in params:
+        value = dist.whole(p.detach())
+        if keep:
+            trainable[names[id(p)]] = value.to("cpu").contiguous()
+    packed = optimizer.state_dict()
+    state = {}
+    for i, entries in packed["state"].items():  # new dicts: the packed ones are AdamW's own
+        whole = {k: dist.whole(v) if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+        if keep:
+            state[i] = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in whole.items()}
+    return trainable, {"state": state, "param_groups": packed["param_groups"]} if keep else {}
+
+
 def save_checkpoint(
     run_dir: str | Path,
     *,
     model: nn.Module,
     method: Method,
-    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     base_model: str = "",
     keep: int = 2,
 ) -> Path:
-    """Write ``<run>/checkpoints/step-<state["step"]>/`` atomically, then keep only the newest ``keep``."""
+    """Write ``<run>/checkpoints/step-<state["step"]>/`` atomically, then keep only the newest ``keep``.
+    ``model`` (whole, not sharded) gives the adapter folder; ``trainable`` and ``optimizer_state`` come from
+    ``training_state``."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{int(state['step'])}"
     tmp = atomic_dir(final)
     try:
         save_adapter(model, method, tmp / "adapter", base_model=base_model)
-        # what the optimiser owns: every trainable parameter, including those gradual unfreezing holds back for now
-        names = {id(p): n for n, p in model.named_parameters()}
-        trainable = {
-            names[id(p)]: p.detach().to("cpu").contiguous() for g in optimizer.param_groups for p in g["params"]
-        }
         save_file(trainable, str(tmp / TRAINABLE), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(optimizer_state, tmp / OPTIMIZER)
         torch.save(rng_state(), tmp / RNG)
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         commit_dir(tmp, final)
@@ -244,8 +266,8 @@ def save_checkpoint(
 
 def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the trainable parameters and optimiser state saved by ``save_checkpoint`` into an already set-up
-    model (same method applied) and optimiser (same groups). Returns the trainer state, with the RNG states
-    under ``"rng"`` (restore them with ``set_rng_state`` at the point where the run should continue)."""
+    model (same method applied) and optimiser (same groups), sharded by FSDP2 or not: a checkpoint holds whole
+    tensors, and each rank cuts its own shard. Returns the trainer state, with the RNG states under ``"rng"`` (restore them with ``set_rng_state`` at the point where the run should continue)."""
     folder = Path(folder)
     for name in (TRAINABLE, OPTIMIZER, RNG, TRAINER_STATE):
         if not (folder / name).is_file():
@@ -265,7 +287,12 @@ def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
             if params[name].shape != value.shape:
                 want = tuple(params[name].shape)
                 raise ValueError(f"checkpoint {folder}: {name} has shape {tuple(value.shape)}, expected {want}")
-            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+            params[name].copy_(dist.shard_like(value.to(dtype=params[name].dtype), params[name]))
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, entries in opt_state.get("state", {}).items():  # AdamW's moments: this rank's shard, as its parameter
+        for k, v in entries.items():
+            if isinstance(i, int) and i < len(order) and isinstance(v, torch.Tensor) and v.shape == order[i].shape:
+                entries[k] = dist.shard_like(v, order[i])
     try:
         optimizer.load_state_dict(opt_state)
     except (ValueError, KeyError) as e:

@@ -19,7 +19,8 @@ fine-tuning fits where 16 bytes a parameter (fp32 weight, gradient, two moments)
 reduce-scatter averages gradients over the ranks as DDP's all-reduce does, so the loop is the same. ``auto``
 takes FSDP2 for methods that train the model's own tensors (full fine-tuning, Freeze: ``Method.shards_base``)
 when their training state would fill more than half of one device's memory, DDP otherwise. Where a whole model
-is needed (evaluation, saving), ``gathered`` builds a plain copy on every rank.
+is needed (evaluation, saving), ``gathered`` builds a plain copy on every rank; checkpoints hold whole tensors
+(``core.checkpoint.training_state`` gathers them, ``shard_like`` cuts a rank's piece back out on resume).
 
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint host0:29500 \
         -m core train --config run/config.yaml --parallel fsdp                        # 16 GPUs on 2 machines
@@ -151,6 +152,16 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out like ``param``: this rank's shard when ``param`` is an FSDP2 DTensor (every rank
+    holds ``value`` whole, so each cuts its own piece), ``value`` itself otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return value.to(param.device)
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 @torch.no_grad()

@@ -77,6 +77,7 @@ from .checkpoint import (
     save_adapter,
     save_checkpoint,
     set_rng_state,
+    training_state,
 )
 from .config import RunConfig
 from .data import TOKENISED, LengthGroupedBatches, load_examples, split
@@ -316,9 +317,6 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     method.prepare(model, _training_batches(batches, device), _mean_loss_fn(model, method), plan)
     loss_module = LossModule(model, method)
     parallel = dist.strategy(tc.parallel, method, method.parameter_counts(model)[0], device, session.world)
-    if parallel == "fsdp" and (resume or tc.save_every):
-        raise ValueError("TrainConfig.save_every / resume: checkpoints of FSDP2 runs are not supported yet (the "
-                         "adapter is saved at the end); use parallel 'ddp', or save_every 0")
     optimizer, num_layers = _optimizer(model, method, tc, fp32_master=precision == "bf16-mixed",
                                        shard=loss_module if parallel == "fsdp" else None)
     rng = _restore(session, resume, ckpt, model, optimizer)
@@ -600,10 +598,13 @@ def _periodic_checkpoint(run: RunState) -> Ending | None:
 
 
 def _save(run: RunState, adapter: bool) -> None:
-    if run.parallel != "fsdp":  # no checkpoints of FSDP2 runs yet (setup refuses save_every and resume)
-        run.files.checkpoint(run.model, run.method, run.optimizer, run.p.trainer_state(), run.cfg.model)
+    """A checkpoint (and the adapter), written by rank 0. Under FSDP2 the tensors are gathered whole first, a
+    collective every rank joins; the optimiser's parameters are those of the sharded model in ``loss_module``."""
+    model = dist.gathered(run.model) if run.sharded else run.model
+    trainable, optimizer_state = training_state(run.loss_module.model, run.optimizer, keep=run.files.enabled)
+    run.files.checkpoint(model, run.method, trainable, optimizer_state, run.p.trainer_state(), run.cfg.model)
     if adapter:
-        run.files.adapter(run.model, run.method, run.cfg.model)
+        run.files.adapter(model, run.method, run.cfg.model)
     dist.barrier(run.session.world)
 
 
@@ -858,11 +859,11 @@ class RunFiles:
                     pass
         return e
 
-    def checkpoint(self, model, method, optimizer, state: dict[str, Any], base_model: str) -> None:
+    def checkpoint(self, model, method, trainable, optimizer_state, state: dict[str, Any], base_model: str) -> None:
         if self.enabled:
             try:
-                path = save_checkpoint(self.run_dir, model=model, method=method, optimizer=optimizer, state=state,
-                                       base_model=base_model)
+                path = save_checkpoint(self.run_dir, model=model, method=method, trainable=trainable,
+                                       optimizer_state=optimizer_state, state=state, base_model=base_model)
             except OSError as e:
                 raise self._write_error(f"checkpoint step-{state['step']}", e) from None
             self.log(f"checkpoint: {path.relative_to(self.run_dir)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,15 +37,26 @@ CASES = {  # name -> (parallel, method, train settings): what each strategy is f
 }
 
 
-def _config(model_dir: Path, data: Path, grad_accum: int, case: str) -> RunConfig:
+def _config(model_dir: Path, data: Path, grad_accum: int, case: str, save_every: int = 0) -> RunConfig:
     parallel, method, train = CASES[case]
     return RunConfig(
         model=str(model_dir),
         method=method,
         train=TrainConfig(max_steps=3, batch_size=3, grad_accum=grad_accum, max_len=64, device="cpu",
-                          scheduler="linear", weight_decay=0.01, seed=3, parallel=parallel, **train),
+                          scheduler="linear", weight_decay=0.01, seed=3, parallel=parallel, save_every=save_every,
+                          **train),
         data=DataConfig(path=str(data), val_count=3),
     )
+
+
+def _torchrun(run_dir: Path, *args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "core", "train", "--config", str(run_dir / "config.yaml"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-6000:]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -56,13 +68,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     _config(model_dir, data, grad_accum=1, case=case).save(ddp_dir / "config.yaml")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "core", "train", "--config", str(ddp_dir / "config.yaml")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-6000:]
+    _torchrun(ddp_dir)
 
     model, tok = load_model(str(model_dir), device="cpu")
     single = list(train(_config(model_dir, data, grad_accum=2, case=case), tmp_path / "single", model=model,
@@ -83,6 +89,45 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_checkpoints_hold_whole_tensors_and_resume_to_the_same_weights(tmp_path):
+    """An FSDP2 run's checkpoint equals one process's (parameters and AdamW moments, whole), and a run resumed
+    from it under torchrun ends with the weights and losses of the uninterrupted run."""
+    model_dir = save_tiny_lm(tmp_path / "model", init=0.5)
+    data = write_qa(tmp_path / "qa.json", n=15)
+    run_dir = tmp_path / "fsdp"
+    run_dir.mkdir()
+    _config(model_dir, data, grad_accum=1, case="fsdp", save_every=1).save(run_dir / "config.yaml")
+    _torchrun(run_dir)
+    model, tok = load_model(str(model_dir), device="cpu")
+    list(train(_config(model_dir, data, grad_accum=2, case="fsdp", save_every=1), tmp_path / "single", model=model,
+               tokenizer=tok))
+
+    def checkpoint(root: Path, step: int) -> tuple[dict, dict]:
+        folder = root / "checkpoints" / f"step-{step}"
+        return load_file(str(folder / "trainable.safetensors")), torch.load(folder / "optimizer.pt")
+
+    (sharded, opt_sharded), (one, opt_one) = checkpoint(run_dir, 2), checkpoint(tmp_path / "single", 2)
+    assert sharded.keys() == one.keys() and len(one) > 10
+    for k in one:
+        torch.testing.assert_close(sharded[k], one[k], rtol=1e-4, atol=1e-6)
+    assert opt_sharded["state"].keys() == opt_one["state"].keys()
+    for i, moments in opt_one["state"].items():
+        assert not any(type(v).__name__ == "DTensor" for v in opt_sharded["state"][i].values())
+        torch.testing.assert_close(opt_sharded["state"][i]["exp_avg_sq"], moments["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+
+    first = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x
+              and json.loads(x)["type"] == "step"]
+    shutil.rmtree(run_dir / "checkpoints" / "step-3")  # back to step 2, and run step 3 again from there
+    _torchrun(run_dir, "--resume")
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["resumed_from"] for e in events if e["type"] == "start"][-1] == 2
+    assert [e["loss"] for e in events if e["type"] == "step"] == losses and events[-1]["status"] == "completed"
+    again = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], rtol=0, atol=0)
 
 
 def test_auto_shards_only_a_method_that_trains_the_base_and_does_not_fit_one_device(monkeypatch):
