@@ -65,15 +65,20 @@ def hardware_class() -> str:
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
-    """CUDA if present, else MPS, else CPU (or exactly what was asked for, if it exists)."""
+    """CUDA if present, else MPS, else CPU (or exactly what was asked for: ValueError, naming TrainConfig.device,
+    when this machine does not have it)."""
     if preference == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ModelNotFoundError("device 'cuda' was requested but no CUDA GPU is available")
+    missing = {"cuda": not torch.cuda.is_available(),
+               "mps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if missing.get(preference):
+        raise ValueError(f"TrainConfig.device = {preference!r} is invalid: this machine has no "
+                         f"{'CUDA GPU' if preference == 'cuda' else 'Apple GPU (MPS)'} that PyTorch can use; "
+                         f"use 'auto' or 'cpu'")
     return torch.device(preference)
 
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from .blocks import ModelShape, model_shape
-from .config import MethodConfig, RunConfig
+from .config import MethodConfig, RunConfig, TrainConfig
 from .dist import check_parallel
 from .methods import Method, build_method, spec_of
-from .models import load_model_config, shape_model
+from .models import load_model_config, resolve_device, shape_model
 
 
 @dataclass
@@ -78,8 +78,15 @@ def preflight(cfg: RunConfig, model: nn.Module | None = None) -> DryRun | None:
         raise
     except Exception:  # noqa: BLE001 - what a meta tensor cannot do is not a config problem
         return None
-    check_parallel(cfg.train.parallel, run.method)
+    check_train(cfg.train, run.method)
     return run
 
 
-__all__ = ["DryRun", "check_context", "dry_run", "preflight"]
+def check_train(train: TrainConfig, method: Method) -> None:
+    """The training settings that depend on this machine or on the method: the device exists, and the strategy
+    across GPUs (TrainConfig.parallel) applies to the method. ValueError names the field."""
+    resolve_device(train.device)
+    check_parallel(train.parallel, method)
+
+
+__all__ = ["DryRun", "check_context", "check_train", "dry_run", "preflight"]

@@ -258,3 +258,17 @@ def test_real_model_learns_its_name_quill(tmp_path):
         for r in c.store.list(status=("running", "queued")):
             c.jobs.stop(r.id)
         c.close()
+
+
+def test_check_refuses_a_device_the_machine_lacks_and_fsdp_for_lora_like_start(ctx, monkeypatch):
+    """Check says what Start would say, in one sentence naming the field, instead of a raw error or a clean
+    estimate: a GPU this machine does not have, and FSDP2 for a method that trains none of the model's weights."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    form = {**actions.form_defaults(), "method": "lora"}
+    with pytest.raises(ValueError, match="TrainConfig.device = 'cuda' is invalid: this machine has no CUDA GPU"):
+        actions.check(ctx, {**form, "train.device": "cuda"})
+    with pytest.raises(ValueError, match="TrainConfig.parallel = 'fsdp' is invalid: .* not lora"):
+        actions.check(ctx, {**form, "train.parallel": "fsdp"})
+    assert actions.check(ctx, {**form, "method": "full", "train.parallel": "fsdp"})["trainable"] > 0

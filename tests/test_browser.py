@@ -113,6 +113,16 @@ def loss_points(page) -> int:
     )
 
 
+def test_train_tab_opens_without_a_dataset_and_without_errors(page):
+    """Opening Train before any data is loaded (a fresh page, or after a language switch) shows the form, not
+    Gradio's red Error badges (the tab's handler must return a value for its outputs even when it changes none)."""
+    tab(page, "Train")
+    page.wait_for_timeout(1500)
+    errors = page.locator(".error").filter(has_text="Error")
+    assert errors.count() == 0, [errors.nth(i).inner_text() for i in range(errors.count())]
+    tab(page, "Data")
+
+
 def test_upload_train_watch_chat_export(page, studio, tmp_path):
     ctx, url, model = studio
     # ---- Data: upload the checkable identity sample through the file input --------------------------------

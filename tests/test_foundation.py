@@ -88,7 +88,7 @@ def test_device_resolution_prefers_cuda_then_mps_then_cpu(monkeypatch, gpus, mps
 
 def test_device_resolution_refuses_a_missing_gpu(monkeypatch):
     _machine(monkeypatch, 0)
-    with pytest.raises(ModelNotFoundError, match="no CUDA GPU"):
+    with pytest.raises(ValueError, match="TrainConfig.device = 'cuda' is invalid: this machine has no CUDA GPU"):
         resolve_device("cuda")
 
 

@@ -109,7 +109,7 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     def on_upload(file_path, model, max_len_tokens, current, mapping):
         """Validate an uploaded file; a bad file leaves the current dataset and every run untouched."""
         if not file_path:
-            return {}
+            return {status: gr.skip()}  # an empty dict would count as one value for all the outputs
         name = Path(str(file_path)).name
         return load(lambda: actions.upload_dataset(ctx, file_path, name, model, max_len_tokens, mapping), name, current)
 

@@ -134,7 +134,7 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     def on_apply(advice) -> dict:
         """Put the advice into the form: the entry, its knobs and the train values it sets."""
         if not advice:
-            return {}
+            return {method: gr.skip()}  # an empty dict would count as one value for all the outputs
         vals = actions.apply_advice(advice)
         out = {**shown(vals["method"]), method: vals["method"]}
         out.update({form[fid]: v for fid, v in vals.items() if fid != "method"})
@@ -145,14 +145,15 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         changed; once per dataset), so the values and their estimate are in view when they change."""
         ds = data["dataset"]
         last = first_run_state or {}
+        unchanged = {suggested: gr.skip()}  # Gradio needs a value for its outputs: an empty dict counts as one
         if not ds or last.get("path") == ds["path"] or not first_run.untouched(values(data), last.get("values")):
-            return {}
+            return unchanged
         try:
             tip = first_run.suggest(ctx, values(data), ds, detect_hardware())
         except ValueError:  # a form that does not check: leave it to Check and Start to say why
-            return {}
+            return unchanged
         if tip is None:
-            return {}
+            return unchanged
         out: dict = {form[k]: v for k, v in tip["values"].items() if k != "method"}
         out.update({suggested: {"path": ds["path"], "values": tip["values"]}, estimate: first_run.markdown(tip)})
         return out
