@@ -20,6 +20,9 @@ Where the time and memory of a fine-tuning step go, and what this module does ab
   pieces (backward after each) gives the gradient of the whole batch, with less padding and activation memory
   capped by the budget, not by batch · longest row. (8 rows of up to 371 tokens padded together kept ~5 GB of
   fp32 activations alive for SmolLM2-135M; as pieces of <= 1024 positions, ~1.5 GB.)
+* ``SharedPrefix``: rows rendered with a chat template all start with the same system prompt and user-turn
+  header (24 of the instruction sample's ~115 tokens a row). That prefix runs once per micro-batch, as one row,
+  and every row attends to its keys and values, with the same loss and gradients as running it in every row.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from .methods.base import Method
+from .methods.virtual_tokens import cache_kwarg, output_cache
 
 IGNORE = -100  # label of a position that is not trained (prompt tokens, padding)
 CE_CHUNK = 512  # positions per block of the chunked cross-entropy: (512, 49152) fp32 logits = 96 MiB
@@ -45,12 +50,13 @@ def piece_budget(device: torch.device) -> tuple[int, int]:
 
 def hidden_states(
     model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None = None,
-    position_ids: Tensor | None = None,
+    position_ids: Tensor | None = None, prefix: SharedPrefix | None = None,
 ) -> Tensor:
     """Last hidden states (B, T, d) aligned with ``input_ids``; virtual tokens of prompt methods are stripped.
 
     ``attention_mask`` None: no padding, or right padding only (see the module docstring). ``position_ids``: a
-    packed row (``packed``), positions restarting at 0 for each sequence; attention stays within each."""
+    packed row (``packed``), positions restarting at 0 for each sequence; attention stays within each.
+    ``prefix``: the rows continue this shared prefix (``SharedPrefix``), whose keys and values they attend to."""
     if method is None:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     elif method.num_virtual_tokens and attention_mask is None:  # they extend the mask over their positions
@@ -59,6 +65,8 @@ def hidden_states(
         kwargs = method.prepare_inputs(model, input_ids, attention_mask)
     if position_ids is not None:  # transformers reads the sequence starts from them (packed-sequence support)
         kwargs["position_ids"] = position_ids
+    if prefix is not None:  # positions and the causal mask continue after it (transformers reads its length)
+        kwargs[cache_kwarg(model)] = prefix.cache(model, input_ids.shape[0])
     h = model.base_model(**kwargs, use_cache=False).last_hidden_state
     # prompt-style methods prepend virtual positions to the sequence; prefix-style ones put them in the cache
     return h[:, h.shape[1] - input_ids.shape[1] :]
@@ -71,14 +79,14 @@ def logits(model: nn.Module, method: Method | None, input_ids: Tensor, attention
 
 def supervised_loss(
     model: nn.Module, method: Method | None, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
-    position_ids: Tensor | None = None,
+    position_ids: Tensor | None = None, prefix: SharedPrefix | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(sum of token cross-entropies, number of supervised tokens) for a batch, or a packed row (``packed``).
 
     labels[b, t] is the token to predict at position t (already aligned with input_ids, like HF: the shift by
     one happens here), or IGNORE. Only positions with a label reach the LM head.
     """
-    h = hidden_states(model, method, input_ids, attention_mask, position_ids)  # (B, T, d)
+    h = hidden_states(model, method, input_ids, attention_mask, position_ids, prefix)  # (B, T, d)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
     h = h[:, :-1][keep]  # (N, d) supervised positions only
@@ -211,3 +219,48 @@ def packed(
     if rows:
         flush()
     return out
+
+
+PREFIX_MIN = 8  # the shortest shared prefix worth a pass of its own
+
+
+def shared_prefix(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> int:
+    """How many leading tokens all rows of a right-padded batch have in common, with no target among them nor
+    right after them (the chat template's system prompt and the user turn's header, ~20% of a short chat row).
+    0 for a single row, or a prefix under PREFIX_MIN. Every row keeps at least one token after it. CPU tensors."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0).int().cumprod(0).sum()  # leading positions where all rows agree
+    untrained = (labels == IGNORE).all(0).int().cumprod(0).sum()  # leading positions that are never a target
+    k = min(int(same), int(untrained) - 1, int(attention_mask.sum(1).min()) - 1)
+    return k if k >= PREFIX_MIN else 0
+
+
+class SharedPrefix:
+    """A prefix that every row of a micro-batch starts with, run once instead of once per row.
+
+    ``SharedPrefix(model, method, ids)`` runs the (1, k) prefix and keeps each layer's keys and values; the rows'
+    remaining tokens then run with ``prefix=`` (``hidden_states``), attending to those keys and values broadcast
+    over the rows, as if the prefix were in every row. The rows see detached copies, so the batch can run as
+    several pieces with a backward each: their gradients collect on the copies, and ``backward`` then sends the
+    sum through the prefix's own graph once. The prefix positions are never targets (``shared_prefix``), so
+    the loss and its gradient are the unshared batch's, and the prefix costs one row of compute instead of B.
+    (Dropout inside the prefix draws one mask for all rows instead of one per row.)"""
+
+    def __init__(self, model: nn.Module, method: Method | None, input_ids: Tensor):
+        kwargs = method.prepare_inputs(model, input_ids, None) if method is not None else {"input_ids": input_ids}
+        kwargs["attention_mask"] = None
+        cache = output_cache(model.base_model(**kwargs, use_cache=True))
+        self.states = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        self.leaves = [t.detach().requires_grad_(t.requires_grad) for t in self.states]
+
+    def cache(self, model: nn.Module, rows: int) -> DynamicCache:
+        """A fresh cache holding the prefix for ``rows`` rows (a forward appends the rows' own keys to it)."""
+        kv = [t.expand(rows, -1, -1, -1) for t in self.leaves]
+        return DynamicCache(ddp_cache_data=list(zip(kv[0::2], kv[1::2])), config=model.config)
+
+    def backward(self) -> None:
+        """Send the gradient the rows left on the prefix's keys and values through the prefix (once)."""
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.states, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])

@@ -96,7 +96,7 @@ from .events import (
     write_atomic,
     write_status,
 )
-from .forward import packed, piece_budget, pieces, supervised_loss
+from .forward import SharedPrefix, packed, piece_budget, pieces, shared_prefix, supervised_loss
 from .methods import Method, build_method, spec, spec_of
 from .methods.base import RunPlan
 from .models import (
@@ -258,6 +258,10 @@ class RunState:
     rng: dict[str, Any] | None  # the checkpoint's RNG state, set right before the first step
     tokenizer: Any = None
     data_format: str = ""  # the dataset's format (core.data.FORMATS): which task metrics the final eval gives
+
+    @property
+    def shares_prefix(self) -> bool:
+        return shares_prefix(self.method, self.session.device, self.parallel == "single", self.cfg.train)
 
     @property
     def cfg(self) -> RunConfig:
@@ -449,16 +453,22 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
     n_tokens = sum(b.n_supervised() for b in group)  # CPU tensors: no device sync
     mine = group[world.rank * tc.grad_accum : (world.rank + 1) * tc.grad_accum]
     scale = world.world_size / max(1, n_tokens)  # DDP averages over ranks; we want the global sum
-    work = [x for b in mine for x in _work(b, device, run.method)]
+    plans = [_work(b, device, run.method, run.shares_prefix) for b in mine]  # [(shared prefix length, calls)]
+    last = (len(plans) - 1, len(plans[-1][1]) - 1)
     loss_sum = torch.zeros((), device=device)
-    for i, (ids, labels, pos) in enumerate(work):
-        sync = run.ddp.no_sync() if run.ddp is not None and i < len(work) - 1 else nullcontext()
-        with sync:
-            with run.autocast():
-                part, _ = run.forward(ids.to(device, non_blocking=True), None, labels.to(device, non_blocking=True),
-                                      None if pos is None else pos.to(device, non_blocking=True))
-            (part * scale).backward()
-        loss_sum += part.detach().float()
+    for j, (k, calls) in enumerate(plans):
+        with run.autocast():  # the prefix every row of the micro-batch starts with, run once
+            prefix = SharedPrefix(run.model, run.method, mine[j].input_ids[:1, :k].to(device)) if k else None
+        for i, (ids, labels, pos) in enumerate(calls):
+            sync = run.ddp.no_sync() if run.ddp is not None and (j, i) != last else nullcontext()
+            with sync:
+                with run.autocast():
+                    part, _ = run.forward(ids.to(device, non_blocking=True), None, labels.to(device, non_blocking=True),
+                                          None if pos is None else pos.to(device, non_blocking=True), prefix)
+                (part * scale).backward()
+            loss_sum += part.detach().float()
+        if prefix is not None:
+            prefix.backward()
     p.tokens_since_log += n_tokens
     p.tokens_total += n_tokens
     norms = _grad_norms(run.grad_labels) if log_now else None  # before clipping
@@ -469,16 +479,28 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
     return Measured(loss_sum, n_tokens, norms, total_norm)
 
 
-def _work(batch, device: torch.device, method: Method) -> list[tuple[Tensor, Tensor, Tensor | None]]:
-    """A micro-batch as the (input_ids, labels, position_ids or None) calls the loop makes (core.forward): packed
-    rows on GPUs (PACKED_ON), where a block-diagonal mask costs little and padding costs a lot; elsewhere, or
-    for methods that prepend virtual tokens to each sequence, length-sorted right-padded pieces, which need no
-    mask at all (SDPA's causal kernel)."""
+def shares_prefix(method: Method, device: torch.device, single: bool, tc) -> bool:
+    """Whether micro-batches run the prompt prefix their rows share once (core.forward.SharedPrefix): in one
+    process (DDP and FSDP2 reduce gradients during the rows' backward, before the prefix's), on unpacked rows,
+    without activation checkpointing (its replay would extend the cache again), for a method that allows it."""
+    return method.shares_prefix and single and not tc.grad_checkpointing and device.type not in PACKED_ON
+
+
+def _work(batch, device: torch.device, method: Method,
+          share: bool) -> tuple[int, list[tuple[Tensor, Tensor, Tensor | None]]]:
+    """A micro-batch as (k, the (input_ids, labels, position_ids or None) calls the loop makes; core.forward).
+
+    ``share`` (``RunState.shares_prefix``): the k leading tokens all rows have in common (the chat template's
+    system prompt) run once, as a SharedPrefix, and the calls hold the rest of each row. Then length-sorted
+    right-padded pieces, which need no mask at all (SDPA's causal kernel), or on GPUs (PACKED_ON), where a
+    block-diagonal mask costs little and padding costs a lot, packed rows; never packed for methods that
+    prepend virtual tokens to each sequence."""
     cap, overhead = piece_budget(device)
     if device.type in PACKED_ON and not method.num_virtual_tokens:
-        return packed(batch.input_ids, batch.attention_mask, batch.labels, cap)
-    return [(ids, labels, None) for ids, labels in pieces(batch.input_ids, batch.attention_mask, batch.labels, cap,
-                                                          overhead)]
+        return 0, packed(batch.input_ids, batch.attention_mask, batch.labels, cap)
+    k = shared_prefix(batch.input_ids, batch.attention_mask, batch.labels) if share else 0
+    ids, mask, labels = batch.input_ids[:, k:], batch.attention_mask[:, k:], batch.labels[:, k:]
+    return k, [(i, l, None) for i, l in pieces(ids, mask, labels, cap, overhead)]
 
 
 def _read_metrics(run: RunState, m: Measured) -> tuple[float, dict[str, float]]:
@@ -705,8 +727,8 @@ class LossModule(nn.Module):
         self.method = method
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
-                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return supervised_loss(self.model, self.method, input_ids, attention_mask, labels, position_ids)
+                position_ids: Tensor | None = None, prefix: SharedPrefix | None = None) -> tuple[Tensor, Tensor]:
+        return supervised_loss(self.model, self.method, input_ids, attention_mask, labels, position_ids, prefix)
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:
@@ -883,5 +905,5 @@ class RunFiles:
         return CheckpointWriteError(f"could not write {what}: {_write_problem(e)}; {kept}")
 
 
-__all__ = ["train", "recover_status", "run_failure", "LossModule", "StopRequest", "Ending", "RunState",
+__all__ = ["train", "recover_status", "run_failure", "shares_prefix", "LossModule", "StopRequest", "Ending", "RunState",
            "STOP_FILE"]

@@ -28,9 +28,11 @@ EFFICIENCY). A step of ``tokens`` positions, ``supervised`` of them trained, cos
     tokens · (4 · N_body + 2 · trainable)  +  supervised · 4 · d · V
 
 (forward 2·N, the backward's input gradients 2·N, weight gradients 2 per trainable parameter; the LM head runs at
-supervised positions only, core.forward). N_body excludes the embedding table, a lookup. The matmul rate is
-measured once per process (``matmul_rate``, ~0.3 s) in the run's precision. The number of steps and the tokens
-per step come from the form and the loaded dataset (its mean length), else from max_len.
+supervised positions only, core.forward). N_body excludes the embedding table, a lookup. Where the engine runs
+the prompt prefix that a micro-batch's rows share once (core.train.shares_prefix), its tokens count once per
+micro-batch. The matmul rate is measured once per process (``matmul_rate``, ~0.3 s) in the run's precision. The
+number of steps and the tokens per step come from the form and the loaded dataset (its mean length), else from
+max_len.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from core.events import duration
 from core.forward import CE_CHUNK, piece_budget
 from core.methods import spec_of
 from core.models import ModelNotFoundError, load_model_config, resolve_precision
-from core.preflight import dry_run
+from core.preflight import check_train, dry_run
+from core.train import shares_prefix
 
 from .i18n import t
 
@@ -119,6 +122,7 @@ class Estimator:
         seq = min(train.max_len, seq_len or train.max_len)
         run = dry_run(self.model_config(model), method_cfg, seq)  # ValueError names the field
         trainable, total, shape = run.trainable, run.total, run.shape
+        check_train(train, run.method)  # a device this machine lacks, a strategy the method cannot take
         virtual = int(getattr(method_cfg, "num_virtual_tokens", 0) or 0) if spec_of(method_cfg).virtual_tokens else 0
         precision = resolve_precision(train.precision, torch.device(device))
         base = 2 if precision == "bf16-mixed" else 4
@@ -140,7 +144,11 @@ class Estimator:
             est.steps = planned_steps(train, train_rows(stats["n"], data_cfg))
             mean = min(train.max_len, stats["mean"]) + virtual
             supervised = min(stats["supervised_tokens"] / stats["n"], mean)
-            flops = step_flops(shape, total, trainable, train.batch_size * mean, train.batch_size * supervised)
+            rows = train.batch_size * train.grad_accum  # a step's rows; each micro-batch runs a shared prefix once
+            shared = stats.get("shared_prefix", 0) if shares_prefix(run.method, torch.device(device), world == 1,
+                                                                    train) else 0
+            tokens = rows * mean - (rows - train.grad_accum) * shared
+            flops = step_flops(shape, total, trainable, tokens, rows * supervised)
             est.train_seconds = est.steps * flops / (matmul_rate(device, precision) * EFFICIENCY)
         return est
 

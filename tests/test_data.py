@@ -351,7 +351,9 @@ def test_length_stats():
     examples = [D.Example([1] * n, [D.IGNORE] * (n - 2) + [1, 1]) for n in (10, 20, 30, 40)]
     stats = D.length_stats(examples)
     assert stats == {"n": 4, "min": 10, "mean": 25.0, "p50": 20, "p90": 40, "max": 40, "total_tokens": 100,
-                     "supervised_tokens": 8}
+                     "supervised_tokens": 8, "shared_prefix": 0}  # a prefix of 7 (the target at 8): not worth it
+    assert D.length_stats(examples[1:])["shared_prefix"] == 17  # the first target is token 18 of the shortest row
+    assert D.shared_prefix_length(examples[1:], chunk=2) == 17
     assert D.length_stats([])["n"] == 0
 
 

@@ -60,7 +60,12 @@ def _torchrun(run_dir: Path, *args: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, case):
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, case, monkeypatch):
+    import core.forward
+
+    # the one process runs each row whole, as the ranks do (it would otherwise run the shared system prompt once
+    # per micro-batch: equal up to float summation order, core.forward.SharedPrefix)
+    monkeypatch.setattr(core.forward, "PREFIX_MIN", 10**6)
     parallel = CASES[case][0]
     model_dir = save_tiny_lm(tmp_path / "model", init=0.5)
     data = write_qa(tmp_path / "qa.json", n=15)  # 12 train: 4 micro-batches of 3, a step takes 2
@@ -91,9 +96,12 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp_checkpoints_hold_whole_tensors_and_resume_to_the_same_weights(tmp_path):
+def test_fsdp_checkpoints_hold_whole_tensors_and_resume_to_the_same_weights(tmp_path, monkeypatch):
     """An FSDP2 run's checkpoint equals one process's (parameters and AdamW moments, whole), and a run resumed
     from it under torchrun ends with the weights and losses of the uninterrupted run."""
+    import core.forward
+
+    monkeypatch.setattr(core.forward, "PREFIX_MIN", 10**6)  # the one process runs each row whole, as the ranks do
     model_dir = save_tiny_lm(tmp_path / "model", init=0.5)
     data = write_qa(tmp_path / "qa.json", n=15)
     run_dir = tmp_path / "fsdp"

@@ -104,3 +104,24 @@ def test_across_several_gpus_the_estimate_names_the_strategy_and_splits_what_fsd
     assert fsdp.weights_bytes < one.weights_bytes / 2
     lora = estimator.estimate("tiny", method_config("lora"), train_cfg, 64, world=4)
     assert lora.parallel == "ddp"  # nothing of the base trains: nothing to shard
+
+
+def test_the_time_estimate_counts_a_shared_prefix_once_per_micro_batch_and_every_micro_batch(monkeypatch):
+    """A step's tokens: grad_accum micro-batches of batch_size rows, each running the dataset's shared prompt
+    prefix once where the engine shares it (core.train.shares_prefix: not for virtual-token methods)."""
+    import studio.estimate as E
+    from core.config import DataConfig
+    from core.methods import method_config
+
+    seen = []
+    monkeypatch.setattr(E, "matmul_rate", lambda device, precision: 1.0)
+    monkeypatch.setattr(E, "step_flops", lambda shape, total, trainable, tokens, supervised: seen.append(tokens) or 1.0)
+    estimator = Estimator({"tiny": tiny_lm().config})
+    stats = {"n": 100, "mean": 60.0, "supervised_tokens": 2000, "shared_prefix": 24}
+    train_cfg = TrainConfig(batch_size=4, grad_accum=2, max_len=64)
+    for method in ("lora", "prompt_tuning"):
+        estimator.estimate("tiny", method_config(method), train_cfg, 64, data=(stats, DataConfig()))
+    estimator.estimate("tiny", method_config("lora"), TrainConfig(batch_size=4, grad_accum=2, max_len=64,
+                                                                 grad_checkpointing=True), 64, data=(stats, DataConfig()))
+    virtual = method_config("prompt_tuning").num_virtual_tokens
+    assert seen == [8 * 60 - 6 * 24, 8 * (60 + virtual), 8 * 60]

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import DataConfig, TrainConfig
-from core.forward import supervised_loss
+from core.forward import SharedPrefix, supervised_loss
 from core.methods import build_method
 from core.methods.lora import LoraConfig
 from core.preflight import dry_run
@@ -31,10 +31,12 @@ def test_planned_steps_equal_the_steps_the_engine_takes(tmp_path, kw, val):
     assert estimate.planned_steps(cfg.train, estimate.train_rows(14, cfg.data)) == start["total_steps"]
 
 
+@pytest.mark.parametrize("shared", [0, 16])
 @pytest.mark.parametrize("method", [LoraConfig(r=4, targets=["all-linear"]), None])
-def test_step_flops_match_torchs_flop_counter(method):
+def test_step_flops_match_torchs_flop_counter(method, shared):
     """The estimate's FLOPs of one forward + backward equal what torch counts on the real model within 10%
-    (attention scores, which the estimate leaves out, are the difference at this length)."""
+    (attention scores, which the estimate leaves out, are the difference at this length), also when the rows'
+    shared prefix runs once (core.forward.SharedPrefix: its tokens count once)."""
     model = tiny_llama(layers=4)
     model.requires_grad_(False)
     if method is None:  # full fine-tuning: every weight trains
@@ -48,14 +50,21 @@ def test_step_flops_match_torchs_flop_counter(method):
     total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) + (trainable if m else 0)
     b, t = 4, 48
     ids = torch.randint(0, model.config.vocab_size, (b, t))
+    ids[:, :shared] = ids[0, :shared]
     labels = ids.clone()
     labels[:, : t // 2] = -100  # half the positions supervised
     with FlopCounterMode(display=False) as counter:
-        s, n = supervised_loss(model, m, ids, None, labels)
-        (s / n).backward()
+        if shared:
+            prefix = SharedPrefix(model, m, ids[:1, :shared])
+            s, n = supervised_loss(model, m, ids[:, shared:], None, labels[:, shared:], prefix=prefix)
+            (s / n).backward()
+            prefix.backward()
+        else:
+            s, n = supervised_loss(model, m, ids, None, labels)
+            (s / n).backward()
     shape = dry_run(model.config, method or LoraConfig()).shape
     supervised = int((labels[:, 1:] != -100).sum())
-    ours = estimate.step_flops(shape, total, trainable, b * t, supervised)
+    ours = estimate.step_flops(shape, total, trainable, b * t - (b - 1) * shared, supervised)
     assert ours == pytest.approx(counter.get_total_flops(), rel=0.10)
 
 

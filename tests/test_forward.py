@@ -1,5 +1,6 @@
 """core.forward's speed levers change nothing but speed and memory: the fused chunked cross-entropy, running
-right-padded batches without a mask, and cutting a batch into pieces give the same loss and gradients."""
+right-padded batches without a mask, cutting a batch into pieces, packing, and running the prompt prefix all rows
+share once give the same loss and gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import nn
 
 from core.config import method_config
 from core.data import Example, LengthGroupedBatches, collate
-from core.forward import IGNORE, head_cross_entropy, packed, pieces, supervised_loss
+from core.forward import (IGNORE, PREFIX_MIN, SharedPrefix, head_cross_entropy, packed, pieces,
+                          shared_prefix, supervised_loss)
 from core.methods import build_method
 from tiny import TINY_MODELS
 
@@ -115,6 +117,74 @@ def test_packed_rows_give_the_padded_batch_loss_and_gradient(arch, kind):
     assert rows[0][2].tolist() == [[*range(12), *range(5), *range(9), *range(3)]]
     loss, n, got = grads([(ids, None, labels, pos) for ids, labels, pos in rows])
     assert n == want_n and loss == pytest.approx(want_loss, rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def _sharing(lengths: list[int], prefix: int, trained_from: int) -> list[Example]:
+    """Rows that start with the same ``prefix`` tokens, each trained from position ``trained_from`` on."""
+    g = torch.Generator().manual_seed(5)
+    head = torch.randint(1, 128, (prefix,), generator=g).tolist()
+    out = []
+    for n in lengths:
+        ids = head + torch.randint(1, 128, (n - prefix,), generator=g).tolist()
+        out.append(Example(ids, [IGNORE] * min(trained_from, n) + ids[trained_from:]))
+    return out
+
+
+def test_the_shared_prefix_stops_before_a_target_a_difference_or_a_rows_end():
+    b = collate(_sharing([20, 14, 17], prefix=10, trained_from=12), pad_id=0)
+    assert shared_prefix(b.input_ids, b.attention_mask, b.labels) == 10  # where the rows start to differ
+    b = collate(_sharing([20, 18, 17], prefix=16, trained_from=12), pad_id=0)
+    assert shared_prefix(b.input_ids, b.attention_mask, b.labels) == 11  # the token at 12 is a target of 11
+    b = collate(_sharing([20, 12, 17], prefix=12, trained_from=13), pad_id=0)
+    assert shared_prefix(b.input_ids, b.attention_mask, b.labels) == 11  # a row keeps a token of its own
+    b = collate(_sharing([20, 14], prefix=PREFIX_MIN - 1, trained_from=12), pad_id=0)
+    assert shared_prefix(b.input_ids, b.attention_mask, b.labels) == 0  # too short to be worth a pass
+    b = collate(_sharing([20], prefix=10, trained_from=12), pad_id=0)
+    assert shared_prefix(b.input_ids, b.attention_mask, b.labels) == 0  # one row: nothing to share
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("kind", ["lora", "full", "adapter"])
+def test_a_shared_prefix_run_once_gives_the_batch_loss_and_gradient(arch, kind):
+    """The rows' common prefix runs once (SharedPrefix) and the rest of each row, cut into pieces with a backward
+    each, attends to its keys and values: the loss and every gradient (embeddings included, for full
+    fine-tuning) equal the padded batch's."""
+    model = TINY_MODELS[arch]()
+    torch.manual_seed(0)
+    method = build_method(method_config(kind, {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {}))
+    method.apply(model)
+    with torch.no_grad():
+        for p in method.trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    params = list(method.trainable_parameters(model).values())
+    b = collate(_sharing([22, 15, 19, 12, 22], prefix=10, trained_from=11), pad_id=0)
+
+    def grads(prefix_len: int):
+        for p in params:
+            p.grad = None
+        if not prefix_len:
+            s, _ = supervised_loss(model, method, b.input_ids, b.attention_mask, b.labels)
+            s.backward()
+            return float(s.detach()), [p.grad.clone() for p in params]
+        prefix = SharedPrefix(model, method, b.input_ids[:1, :prefix_len])
+        cut = pieces(b.input_ids[:, prefix_len:], b.attention_mask[:, prefix_len:], b.labels[:, prefix_len:],
+                     max_tokens=24, overhead=2)
+        assert len(cut) > 1
+        total = 0.0
+        for ids, labels in cut:
+            s, _ = supervised_loss(model, method, ids, None, labels, prefix=prefix)
+            s.backward()
+            total += float(s.detach())
+        prefix.backward()
+        return total, [p.grad.clone() for p in params]
+
+    want_loss, want = grads(0)
+    k = shared_prefix(b.input_ids, b.attention_mask, b.labels)
+    assert k == 10
+    loss, got = grads(k)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 

@@ -269,10 +269,13 @@ def _nan_after(model, calls: int):
 
 
 @pytest.mark.parametrize("log_every", [1, 5])
-def test_nan_loss_fails_the_run_without_poisoned_files(tmp_path, log_every):
+def test_nan_loss_fails_the_run_without_poisoned_files(tmp_path, log_every, monkeypatch):
+    import core.forward
+
     data = write_qa(tmp_path / "qa.json", n=8)
     cfg = run_config(data, max_steps=8, save_every=1, log_every=log_every)
     model = tiny_lm()
+    monkeypatch.setattr(core.forward, "PREFIX_MIN", 10**6)  # no separate forward of the shared system prompt
     _nan_after(model, calls=2)  # one forward per step: NaN from step 3 on
     events = run(cfg, tmp_path / "run", model=model)
     end = events[-1]
@@ -320,6 +323,25 @@ def test_bad_data_fails_with_a_clear_error(tmp_path):
         run(run_config(bad), tmp_path / "run")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and "bad.json" in status["reason"]
+
+
+def test_the_shared_system_prompt_runs_once_and_trains_as_the_whole_rows(tmp_path, monkeypatch):
+    """Rows rendered with the chat template share its system prompt: each micro-batch runs it once
+    (core.forward.SharedPrefix), with the same losses and gradient norms as running it in every row."""
+    import core.forward
+    import core.train as core_train
+
+    cfg = run_config(write_qa(tmp_path / "qa.json", n=16), max_steps=4, batch_size=4)
+    shared = []
+    monkeypatch.setattr(core_train, "SharedPrefix", lambda m, meth, ids: shared.append(ids.shape[1]) or
+                        core.forward.SharedPrefix(m, meth, ids))
+    got = steps(run(cfg, tmp_path / "shared"))
+    assert len(shared) == 4 and min(shared) >= 20  # every micro-batch, at least the system prompt
+    monkeypatch.setattr(core.forward, "PREFIX_MIN", 10**6)  # nothing is worth sharing: every row runs whole
+    want = steps(run(cfg, tmp_path / "whole"))
+    assert len(shared) == 4
+    assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-5)
+    assert [e["grad_norm"]["total"] for e in got] == pytest.approx([e["grad_norm"]["total"] for e in want], rel=1e-4)
 
 
 def test_packed_rows_train_as_the_length_tight_pieces(tmp_path, monkeypatch):

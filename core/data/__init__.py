@@ -29,7 +29,7 @@ from .formats import (
     to_messages,
 )
 from .cache import TOKENISED, CachedExamples
-from .load import length_stats, load_examples, preview, tokenise
+from .load import length_stats, load_examples, preview, shared_prefix_length, tokenise
 from .read import DataError, iter_values, read_rows
 from .sources import display_name, is_hub_id, iter_source
 from .render import IGNORE, Example, chat_prompt, encode, encode_many, n_trained
@@ -39,6 +39,6 @@ __all__ = [
     "Batch", "CachedExamples", "DETECT_ROWS", "DataError", "DataReport", "EXPECTED", "Example", "FIELD_NAMES", "FORMATS",
     "FORMAT_FIELDS", "IGNORE", "LengthGroupedBatches", "MAX_ISSUES", "ROLES", "TOKENISED", "RowIssue", "Rows", "chat_prompt",
     "check_fields", "collate", "detect_format", "display_name", "encode", "encode_many", "is_hub_id", "iter_source",
-    "iter_values", "length_stats", "load_examples", "n_trained", "preview", "read_rows", "split", "to_messages",
-    "tokenise", "validate_file",
+    "iter_values", "length_stats", "load_examples", "n_trained", "preview", "read_rows", "shared_prefix_length",
+    "split", "to_messages", "tokenise", "validate_file",
 ]

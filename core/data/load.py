@@ -104,11 +104,13 @@ def preview(tokenizer: Any, example: Example, max_tokens: int = 400) -> list[tup
 
 
 def length_stats(examples: Sequence[Example]) -> dict:
-    """n, min, mean, p50, p90, max of the token lengths; total_tokens and supervised_tokens."""
+    """n, min, mean, p50, p90, max of the token lengths; total_tokens and supervised_tokens; shared_prefix, the
+    leading tokens that every micro-batch runs once (``shared_prefix_length``)."""
     lengths = sorted(len(e.input_ids) for e in examples)
     n = len(lengths)
     if n == 0:
-        return {"n": 0, "min": 0, "mean": 0.0, "p50": 0, "p90": 0, "max": 0, "total_tokens": 0, "supervised_tokens": 0}
+        return {"n": 0, "min": 0, "mean": 0.0, "p50": 0, "p90": 0, "max": 0, "total_tokens": 0, "supervised_tokens": 0,
+                "shared_prefix": 0}
     pick = lambda q: lengths[min(n - 1, math.ceil(q * n) - 1)]  # noqa: E731 - nearest rank
     return {
         "n": n,
@@ -119,5 +121,26 @@ def length_stats(examples: Sequence[Example]) -> dict:
         "max": lengths[-1],
         "total_tokens": sum(lengths),
         "supervised_tokens": sum(n_trained(e) for e in examples),
+        "shared_prefix": shared_prefix_length(examples),
     }
+
+
+def shared_prefix_length(examples: Sequence[Example], chunk: int = 4096, width: int = 256) -> int:
+    """The prompt prefix (a chat template's system prompt) that core.forward.shared_prefix finds in any batch of
+    these examples: its smallest value over chunks of ``chunk`` rows (each with the first row too), each row cut
+    to ``width`` tokens. 0 for fewer than two examples."""
+    import torch
+
+    from ..forward import shared_prefix  # the rule's one owner (core.forward imports the methods)
+
+    if len(examples) < 2:
+        return 0
+    k = width
+    for s in range(0, len(examples), chunk):
+        rows = [examples[0], *examples[s : s + chunk]]
+        m = min(width, *(len(e.input_ids) for e in rows))
+        ids = torch.tensor([e.input_ids[:m] for e in rows], dtype=torch.int32)
+        labels = torch.tensor([e.labels[:m] for e in rows], dtype=torch.int32)
+        k = min(k, shared_prefix(ids, torch.ones_like(ids), labels))
+    return k
 

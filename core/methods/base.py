@@ -45,6 +45,9 @@ class Method:
     can_merge: ClassVar[bool] = False
     #: True when the method trains the model's own tensors in place, which FSDP2 can shard (core.dist.strategy)
     shards_base: ClassVar[bool] = False
+    #: False when rows cannot share one run of a common prompt prefix (core.forward.SharedPrefix): virtual tokens
+    #: come before it, or the weights are drawn anew at every forward
+    shares_prefix: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.config_cls):

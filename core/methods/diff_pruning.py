@@ -322,6 +322,7 @@ class DiffLinear(nn.Module):
 class DiffPruningMethod(Method):
     config_cls = DiffPruningConfig
     can_merge = True
+    shares_prefix = False  # each forward draws its own gates: a row's prefix and the rest would see two models
     config: DiffPruningConfig
 
     def __init__(self, config: DiffPruningConfig):

@@ -71,6 +71,8 @@ class VirtualTokenMethod(Method):
     own module, so which adapter runs is decided by the method passed to ``prepare_inputs``.
     """
 
+    shares_prefix = False  # the virtual tokens come first, so no two rows share a prefix of real tokens alone
+
     base_module_name: ClassVar[str]  # starts with METHOD_MODULE_PREFIX
 
     def __init__(self, config):
