@@ -30,7 +30,7 @@ EFFICIENCY). A step of ``tokens`` positions, ``supervised`` of them trained, cos
 (forward 2·N, the backward's input gradients 2·N, weight gradients 2 per trainable parameter; the LM head runs at
 supervised positions only, core.forward). N_body excludes the embedding table, a lookup. Where the engine runs
 the prompt prefix that a micro-batch's rows share once (core.train.shares_prefix), its tokens count once per
-micro-batch. The matmul rate is measured once per process (``matmul_rate``, ~0.3 s) in the run's precision. The
+micro-batch, plus the cost of one more call (core.forward.piece_budget's overhead). The matmul rate is measured by ``matmul_rate`` (~0.3 s, best of 5 windows) in the run's precision. The
 number of steps and the tokens per step come from the form and the loaded dataset (its mean length), else from
 max_len.
 """
@@ -147,7 +147,8 @@ class Estimator:
             rows = train.batch_size * train.grad_accum  # a step's rows; each micro-batch runs a shared prefix once
             shared = stats.get("shared_prefix", 0) if shares_prefix(run.method, torch.device(device), world == 1,
                                                                     train) else 0
-            tokens = rows * mean - (rows - train.grad_accum) * shared
+            call = piece_budget(torch.device(device))[1] if shared else 0  # the prefix's own pass: one more call
+            tokens = rows * mean - (rows - train.grad_accum) * shared + train.grad_accum * call
             flops = step_flops(shape, total, trainable, tokens, rows * supervised)
             est.train_seconds = est.steps * flops / (matmul_rate(device, precision) * EFFICIENCY)
         return est
@@ -207,9 +208,10 @@ RATE_TTL_S = 300.0  # the machine's load changes (a run starts, chat): measure a
 _rates: dict[tuple[str, str], tuple[float, float]] = {}
 
 
-def matmul_rate(device: str, precision: str) -> float:
-    """FLOP/s of a SmolLM2-sized matmul (512 × 576 by 576 × 1536) on ``device`` now, measured for ~0.25 s
-    (at most once per RATE_TTL_S per device and precision)."""
+def matmul_rate(device: str, precision: str, windows: int = 5, window_s: float = 0.05) -> float:
+    """FLOP/s of a SmolLM2-sized matmul (512 × 576 by 576 × 1536) on ``device`` now: the best of ``windows`` short
+    windows, so that a thread pool warming up or a moment's load does not set the estimate (at most once per
+    RATE_TTL_S per device and precision)."""
     key = (device, precision)
     if key in _rates and time.monotonic() - _rates[key][0] < RATE_TTL_S:
         return _rates[key][1]
@@ -217,11 +219,14 @@ def matmul_rate(device: str, precision: str) -> float:
     a = torch.randn(512, 576, dtype=dtype, device=device)
     b = torch.randn(576, 1536, dtype=dtype, device=device)
     a @ b  # warm-up
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < 0.25:
-        a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        n += 1
-    _rates[key] = (time.monotonic(), n * 2 * 512 * 576 * 1536 / elapsed)
-    return _rates[key][1]
+    best = 0.0
+    for _ in range(windows):
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < window_s:
+            a @ b
+            if device != "cpu":
+                torch.cuda.synchronize()
+            n += 1
+        best = max(best, n * 2 * 512 * 576 * 1536 / elapsed)
+    _rates[key] = (time.monotonic(), best)
+    return best

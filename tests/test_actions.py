@@ -272,3 +272,16 @@ def test_check_refuses_a_device_the_machine_lacks_and_fsdp_for_lora_like_start(c
     with pytest.raises(ValueError, match="TrainConfig.parallel = 'fsdp' is invalid: .* not lora"):
         actions.check(ctx, {**form, "train.parallel": "fsdp"})
     assert actions.check(ctx, {**form, "method": "full", "train.parallel": "fsdp"})["trainable"] > 0
+
+
+def test_monitor_says_the_run_is_finishing_after_its_last_step_instead_of_eta_0s():
+    from types import SimpleNamespace
+
+    from studio.tabs.monitor import progress_html
+
+    run = SimpleNamespace(status="running", total_steps=8, active=True, duration_s=None, reason="", name="r",
+                          method="lora", model="m")
+    done = progress_html(run, {"steps": 8, "total_steps": 8, "elapsed_s": 50, "eta_s": 0}, None)
+    assert "final evaluation and saving" in done and "ETA" not in done
+    mid = progress_html(run, {"steps": 4, "total_steps": 8, "elapsed_s": 25, "eta_s": 25}, None)
+    assert "ETA" in mid and "final evaluation" not in mid

@@ -34,7 +34,9 @@ def progress_html(run, s: dict, position: int | None) -> str:
     else:
         parts = [t("monitor.step", step=step, total=total or "?"), f"{pct:.0f}%",
                  t("monitor.elapsed", time=duration(s.get("elapsed_s") if run.active else run.duration_s))]
-        if run.status == "running":
+        if run.status == "running" and total and step >= total:  # every step taken: the end-of-run work is left
+            parts.append(t("monitor.finishing"))
+        elif run.status == "running":
             parts.append(t("monitor.eta", time=duration(s.get("eta_s"))))
         if s.get("tokens_per_s"):
             parts.append(t("monitor.tokens_per_s", n=f"{s['tokens_per_s']:.0f}"))
