@@ -37,7 +37,7 @@ from core.methods import menu, spec
 from core.preflight import preflight
 
 from .chat import MAX_PROMPT_CHARS, Column
-from .datasets import inspect, store_upload
+from .datasets import inspect, shown_name, store_upload
 from .export import adapter_zip, can_merge, gguf_file, gguf_snippet, loading_snippet, merged_model
 from .metrics import of_type, summarize
 from .i18n import t
@@ -344,8 +344,24 @@ def upload_dataset(ctx, file_path: str, name: str | None = None, model: str | No
     be used; nothing else changes then."""
     name = name or Path(str(file_path)).name
     column_mapping(fields)  # a bad mapping stores nothing
-    stored = store_upload(ctx.uploads_dir, file_path, name, ctx.max_upload_bytes)
-    return _inspect(ctx, stored, name, model, max_len, fields)
+    stored, new = store_upload(ctx.uploads_dir, file_path, name, ctx.max_upload_bytes)
+    try:
+        return _inspect(ctx, stored, name, model, max_len, fields)
+    except Exception:
+        if new:  # a refused file is not kept: it would only clutter the Experiment tab's dataset list
+            stored.unlink(missing_ok=True)
+        raise
+
+
+def reopen_dataset(ctx, path: str, model: str | None = None, max_len: Any = None, fields: Any = None) -> dict[str, Any]:
+    """Inspect again a dataset the studio holds: a stored upload or a bundled sample, by its path (a reloaded page
+    gets its dataset back). Any other path is refused."""
+    try:
+        stored = Path(_dataset_path(ctx, path))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    samples = {p.resolve(): n for n, p in ctx.samples().items()}
+    return _inspect(ctx, stored, samples.get(stored) or shown_name(stored), model, max_len, fields)
 
 
 def use_sample(ctx, name: str, model: str | None = None, max_len: Any = None, fields: Any = None) -> dict[str, Any]:

@@ -99,12 +99,21 @@ def lr_groups_figure(events: list[dict]) -> go.Figure:
     for i, n in enumerate(names):
         pts = [(e["step"], _num((e.get("lr") or {}).get(n))) for e in steps]
         pts = [(s, v) for s, v in pts if v is not None]
-        fig.add_scatter(x=[s for s, _ in pts], y=[v for _, v in pts], mode="lines", name=label or n,
+        fig.add_scatter(x=[s for s, _ in pts], y=[v for _, v in pts], mode="lines", name=label or shown_depth(n),
                         showlegend=True, line={"color": COLORS[i % len(COLORS)], "width": 2})
     title = t("chart.lr_groups")
     if _single_rate(steps[-1]):
         title += t("chart.lr_groups_single")
     return _layout(fig, title, t("chart.step"), t("chart.lr"))
+
+
+def shown_depth(label: str) -> str:
+    """A depth label of the events ("embed", "block 3", "head", "prompt") in the page's language; any other
+    group name (a method's own) as it is."""
+    if label.startswith("block ") and label[6:].isdigit():
+        return t("chart.depth_block", n=int(label[6:]))
+    named = {"embed": "chart.depth_embed", "head": "chart.depth_head", "prompt": "chart.depth_prompt"}
+    return t(named[label]) if label in named else label
 
 
 def _single_rate(step_event: dict) -> bool:
@@ -127,7 +136,7 @@ def lr_depth_figure(events: list[dict]) -> go.Figure:
         except (TypeError, ValueError):
             key = 10**9  # method-owned (None) last
         if _num(v) is not None:
-            items.append((key, depth_label(k, num_layers), float(v)))
+            items.append((key, shown_depth(depth_label(k, num_layers)), float(v)))
     if not items:
         return empty(t("chart.lr_depth"), t("chart.no_layers"))
     items.sort()
@@ -155,7 +164,7 @@ def grad_heatmap(events: list[dict], max_columns: int = 300) -> go.Figure:
             row.append(math.log10(v) if v is not None and v > 0 else None)
         z.append(row)
     fig = go.Figure(go.Heatmap(
-        x=[e["step"] for e in steps], y=labels, z=z, colorscale="Viridis",
+        x=[e["step"] for e in steps], y=[shown_depth(n) for n in labels], z=z, colorscale="Viridis",
         colorbar={"title": {"text": "log10 ‖g‖"}},
         hovertemplate=t("chart.step") + " %{x}<br>%{y}<br>log10 ‖g‖ = %{z:.2f}<extra></extra>",
     ))

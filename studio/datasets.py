@@ -6,8 +6,9 @@ under a random name, so the user's file name never becomes a path.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import secrets
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,13 @@ PREVIEWS = 12  # examples kept for the preview
 MAX_LENGTHS = 20_000  # token lengths kept for the histogram
 
 
-def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, max_bytes: int) -> Path:
-    """Copy an uploaded file into ``uploads_dir`` under a generated name, after the checks that need no parsing."""
+def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, max_bytes: int) -> tuple[Path, bool]:
+    """Copy an uploaded file into ``uploads_dir`` after the checks that need no parsing; return (path, whether it
+    is new). The stored name is the content's hash and the original name made safe (``<16 hex>-<name>.<ext>``),
+    so the same file uploaded twice is stored once, and lists can show the name the user knows."""
     name = os.path.basename(str(original_name or src))
-    ext = os.path.splitext(name)[1].lower()
+    stem, ext = os.path.splitext(name)
+    ext = ext.lower()
     if ext not in EXTENSIONS:
         raise DataError(f"{name}: only .json, .jsonl, .csv and .parquet files can be uploaded.")
     try:
@@ -36,9 +40,23 @@ def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, 
         raise DataError(f"{name} is {size / 2**20:.1f} MB, over the upload limit of {max_bytes / 2**20:.1f} MB.")
     if size == 0:
         raise DataError(f"{name} is empty (0 bytes).")
-    dest = inside(uploads_dir, secrets.token_hex(8) + ext)
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    safe = re.sub(r"[^\w.-]+", "_", stem).strip("._")[:60] or "data"
+    dest = inside(uploads_dir, f"{digest}-{safe}{ext}")
+    if dest.is_file():
+        return dest, False
     shutil.copyfile(src, dest, follow_symlinks=False)
-    return dest
+    return dest, True
+
+
+def shown_name(stored: Path) -> str:
+    """The name the user uploaded a stored file under (store_upload's ``<16 hex>-<name>``)."""
+    digest, _, rest = stored.name.partition("-")
+    return rest if len(digest) == 16 and rest else stored.name
 
 
 def inspect(path: Path, display_name: str, tokenizer: Any, max_len: int, max_bytes: int,

@@ -60,7 +60,7 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             "dataset": gr.State(None),
             "monitor_run": gr.State(None),  # the run this session started last; the Monitor follows it
             "apis": [],  # (fn, api_name) of API-only endpoints, registered after the tabs
-            "on_load": [],  # (fn, outputs) run when a page loads: texts only the server renders in its language
+            "on_load": [],  # (fn, inputs, outputs) run when a page loads: its language's texts, its dataset
         }
         with gr.Tabs(selected="data") as tabs:
             shared["tabs"] = tabs
@@ -75,8 +75,8 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
 
         for fn, name in shared["apis"]:
             gr.api(fn, api_name=name)
-        for fn, outputs in shared["on_load"]:
-            demo.load(fn, None, outputs, api_visibility="private")
+        for fn, inputs, outputs in shared["on_load"]:
+            demo.load(fn, inputs, outputs, api_visibility="private")
         switch.click(None, js=LANG_SWITCH_JS)
         # A (re)loaded page re-attaches to the running job: the Monitor shows it at once.
         demo.load(lambda: gr.update(choices=run_choices(ctx), value=default_run(ctx)), None,

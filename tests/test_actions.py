@@ -14,7 +14,7 @@ from core.advisor import GOALS, HARDWARE, recommend
 from core.config import DataConfig, RunConfig, TrainConfig, method_config
 from core.data import DataError
 from core.methods import spec
-from studio import actions
+from studio import actions, sweeps
 from studio.context import StudioContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +107,16 @@ def test_datasets_sample_upload_and_refusals(ctx, tmp_path):
     bad.write_text('{"instruction": "a"', encoding="utf-8")
     with pytest.raises(DataError, match="bad.json"):
         actions.upload_dataset(ctx, str(bad))
+    # the Experiment tab lists the accepted upload under its own name, once; the refused one was not kept
+    actions.upload_dataset(ctx, str(good), max_len=64)
+    uploads = [label for label, _ in sweeps.dataset_choices(ctx) if label.startswith("upload")]
+    assert uploads == ["upload · mine.jsonl"] and len(list(ctx.uploads_dir.iterdir())) == 1
+    # a reloaded page reads its dataset again by the stored path; no other path is read
+    again = actions.reopen_dataset(ctx, up["path"], max_len=64)
+    assert (again["name"], again["valid_rows"], again["path"]) == ("mine.jsonl", 2, up["path"])
+    assert actions.reopen_dataset(ctx, d["path"], max_len=128)["name"] == "identity_sample.json"
+    with pytest.raises(DataError, match="only an uploaded dataset or a bundled sample"):
+        actions.reopen_dataset(ctx, str(good))
     with pytest.raises(DataError, match="only .json, .jsonl, .csv and .parquet"):
         actions.upload_dataset(ctx, str(good), name="data.txt")
     with pytest.raises(DataError, match="Unknown sample 'nope.json'"):

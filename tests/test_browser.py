@@ -10,6 +10,7 @@ which also copies the Chat tab (base model and the trained adapter answering sid
 assets/screenshot.png.
 """
 
+import json
 import os
 import shutil
 import time
@@ -77,7 +78,11 @@ def shot(page, name: str) -> Path:
 
 
 def tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
+    try:
+        page.get_by_role("tab", name=name).click()
+    except Exception:
+        shot(page, f"tab-{name}-failed.png")
+        raise
     page.wait_for_timeout(600)
 
 
@@ -120,7 +125,35 @@ def test_train_tab_opens_without_a_dataset_and_without_errors(page):
     page.wait_for_timeout(1500)
     errors = page.locator(".error").filter(has_text="Error")
     assert errors.count() == 0, [errors.nth(i).inner_text() for i in range(errors.count())]
+    # Start without data is refused under the button; after Check the estimate speaks, and the old ✗ goes
+    page.locator("#ps-start").click()
+    wait_text(page, "#ps-train-status", "✗")
+    page.get_by_role("button", name="Check configuration").click()
+    wait_text(page, "#ps-estimate", "Trainable parameters")
+    end = time.time() + 10
+    while page.locator("#ps-train-status").inner_text().strip() and time.time() < end:
+        page.wait_for_timeout(200)
+    assert page.locator("#ps-train-status").inner_text().strip() == ""
     tab(page, "Data")
+
+
+def test_a_column_mapping_applies_to_the_file_already_uploaded(page, tmp_path):
+    """A file refused for its column names loads once the mapping is typed, without uploading it again."""
+    tab(page, "Data")
+    rows = [{"question": f"What is {i} + {i}?", "reply": str(2 * i)} for i in range(6)]
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    page.locator("#ps-upload input[type=file]").set_input_files(str(path))
+    wait_text(page, "#ps-data-status", "✗")
+    box = page.locator("#ps-fields textarea, #ps-fields input").first
+    box.fill("instruction=question, output=reply")
+    box.press("Enter")
+    got = wait_text(page, "#ps-data-status", "detected format")
+    assert "qa.json" in got and "6" in got
+    box.fill("")
+    box.press("Enter")  # the next test uploads without a mapping
+    wait_text(page, "#ps-data-status", "✗")
+    page.locator("#ps-upload button[aria-label='Clear'], #ps-upload .label-clear-button").first.click()
 
 
 def test_upload_train_watch_chat_export(page, studio, tmp_path):

@@ -163,8 +163,12 @@ def test_the_switch_changes_the_language_and_survives_a_reload(browser, studio):
     ctx, url, model = studio
     page = open_page(browser, url, "zh-CN")
     page.get_by_role("tab", name="训练").wait_for(timeout=10_000)
+    page.locator("#ps-use-sample").click()  # the loaded dataset survives the switch's reload
+    page.locator("#ps-data-status").get_by_text("identity_sample.json").wait_for(timeout=60_000)
     page.locator("#ps-lang").click()  # shows "English" on a Chinese page
     page.get_by_role("tab", name="Train").wait_for(timeout=30_000)
+    page.locator("#ps-data-status").get_by_text("identity_sample.json").wait_for(timeout=60_000)
+    assert "detected format" in page.locator("#ps-data-status").inner_text()  # read again, in English
     for name in TABS_EN:
         page.get_by_role("tab", name=name).wait_for(timeout=10_000)
     page.reload()

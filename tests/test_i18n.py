@@ -229,3 +229,19 @@ def test_language_of_a_request(headers, expected):
     finally:
         LocalContext.request.reset(token)
     assert i18n.lang() == "en"  # outside a request (CLI, scripts)
+
+
+def test_chart_depth_labels_follow_the_page_language():
+    from studio import charts
+
+    events = [{"type": "start", "num_layers": 2}, {"type": "step", "step": 1, "loss": 1.0,
+              "lr": {"embed": 1e-4, "block 0": 2e-4, "head": 3e-4}, "lr_by_depth": {"-1": 1e-4, "0": 2e-4, "2": 3e-4},
+              "grad_norm": {"block 1": 0.5, "embed": 0.2, "total": 1}}]
+    token = LocalContext.request.set(FakeRequest({"cookie": "ps_lang=zh"}))
+    try:
+        assert list(charts.grad_heatmap(events).data[0].y) == ["词嵌入", "第 1 层"]
+        assert list(charts.lr_depth_figure(events).data[0].x) == ["词嵌入", "第 0 层", "输出头"]
+        assert [d.name for d in charts.lr_groups_figure(events).data] == ["词嵌入", "第 0 层", "输出头"]
+    finally:
+        LocalContext.request.reset(token)
+    assert list(charts.grad_heatmap(events).data[0].y) == ["embeddings", "block 1"]

@@ -136,23 +136,29 @@ def test_mark_orphans(store):
         live.wait()
 
 
-def test_uploads_are_stored_under_generated_names(tmp_path):
+def test_uploads_are_stored_under_safe_names_once_per_content(tmp_path):
     from core.data import DataError
-    from studio.datasets import store_upload
+    from studio.datasets import shown_name, store_upload
 
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     src = tmp_path / "src.json"
     src.write_text('[{"text": "hi"}]')
-    for name in ("../../etc/evil.json", "/abs/path.json", "ok.JSONL"):
-        dest = store_upload(uploads, src, name, max_bytes=1024)
-        assert dest.parent == uploads.resolve() and dest.stem not in name and len(dest.stem) == 16
-    assert sorted(p.suffix for p in uploads.iterdir()) == [".json", ".json", ".jsonl"]
+    stored = {}
+    for name in ("../../etc/evil.json", "/abs/path.json", "ok.JSONL", "我的 数据.json"):
+        dest, new = store_upload(uploads, src, name, max_bytes=1024)
+        assert new and dest.parent == uploads.resolve() and len(dest.name.split("-")[0]) == 16
+        stored[name] = dest
+    assert [shown_name(stored[n]) for n in stored] == ["evil.json", "path.json", "ok.jsonl", "我的_数据.json"]
+    assert store_upload(uploads, src, "ok.JSONL", max_bytes=1024) == (stored["ok.JSONL"], False)  # stored once
+    other = tmp_path / "other.json"
+    other.write_text('[{"text": "bye"}]')
+    assert store_upload(uploads, other, "ok.JSONL", max_bytes=1024)[0] != stored["ok.JSONL"]  # new content
     with pytest.raises(DataError, match="only .json, .jsonl, .csv and .parquet"):
         store_upload(uploads, src, "run.py", max_bytes=1024)
     with pytest.raises(DataError, match="limit"):
         store_upload(uploads, src, "big.json", max_bytes=4)
-    assert len(list(uploads.iterdir())) == 3
+    assert len(list(uploads.iterdir())) == 5
 
 
 def test_a_registry_migrated_by_a_newer_version_still_reads(store):

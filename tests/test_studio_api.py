@@ -139,7 +139,7 @@ def test_charts_from_events():
     heat = charts.grad_heatmap(events)
     assert list(heat.data[0].y) == ["block 0", "block 1"]  # bottom first, "total" left out
     depth = charts.lr_depth_figure(events)
-    assert list(depth.data[0].x) == ["embed", "block 0", "block 1"]
+    assert list(depth.data[0].x) == ["embeddings", "block 0", "block 1"]
     single = [dict(e, lr={"all": 1e-3}, lr_by_depth={"prompt": 1e-3}) if e["type"] == "step" else e for e in events]
     assert "one rate" in charts.lr_groups_figure(single).layout.title.text
     assert "No training steps" in charts.loss_figure([]).layout.annotations[0].text
@@ -249,6 +249,7 @@ def test_bad_uploads_leave_form_and_runs_untouched(client, app, tiny_model_dir, 
     content, needle = BAD_UPLOADS[name]
     load_sample(client, tiny_model_dir)
     runs_before = [r.id for r in app[0].store.list()]
+    uploads = sorted(app[0].uploads_dir.iterdir())
     path = tmp_path / name
     path.write_bytes(content)
     status, *_ = client.predict(handle_file(str(path)), tiny_model_dir, 128, api_name="/upload_dataset")
@@ -256,6 +257,7 @@ def test_bad_uploads_leave_form_and_runs_untouched(client, app, tiny_model_dir, 
     assert "identity_sample.json" in status and "still selected" in status
     assert "Traceback" not in status
     assert [r.id for r in app[0].store.list()] == runs_before
+    assert sorted(app[0].uploads_dir.iterdir()) == uploads  # a refused file is not kept
     # the session's dataset is still the sample: the config check sees its real token lengths
     assert "Trainable parameters" in call(client, "/check_config", TRAIN)
 
@@ -384,7 +386,7 @@ def depth_chart(client, run_id) -> dict[str, float]:
 
 
 def depth_name(d: str, layers: int) -> str:
-    return {"-1": "embed", str(layers): "head"}.get(d, f"block {d}")
+    return {"-1": "embeddings", str(layers): "head"}.get(d, f"block {d}")
 
 
 def test_llrd_run_from_the_studio_follows_the_decay_formula(client, app, tiny_model_dir):

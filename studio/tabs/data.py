@@ -84,6 +84,10 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                 preview = gr.HTML(preview_html(None, 1), elem_id="ps-preview")
             with gr.Column(scale=2):
                 hist = gr.Plot(None, label=T("data.hist"), elem_id="ps-hist")
+        # Inside the tab: a component made directly under gr.Tabs shifts the tab labels after it.
+        source = gr.State(None)  # the file or sample loaded last, accepted or not, and the settings it was read with
+        # the dataset accepted last, kept in the browser: a reload (the language switch) reads it again
+        remembered = gr.BrowserState(None, storage_key="peft-studio-dataset")
 
     dataset = shared["dataset"]
     outputs = [dataset, status, issues, preview, hist, index]
@@ -106,21 +110,62 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
             log.exception("dataset %s could not be loaded", name)
             return refused(t("data.could_not_load", name=esc(name), detail=esc(localize(str(e)[:200]))), current)
 
+    readers = {"upload": actions.upload_dataset, "sample": actions.use_sample, "stored": actions.reopen_dataset}
+
+    def read(kind: str, what: str, model, max_len_tokens, current, mapping) -> dict:
+        name = Path(what).name if kind == "upload" else str(what)
+        out = load(lambda: readers[kind](ctx, what, model=model, max_len=max_len_tokens, fields=mapping), name, current)
+        out[source] = {"kind": kind, "what": what, "settings": [mapping, max_len_tokens]}
+        return out
+
+    def remember(d: dict | None):
+        """The dataset as the browser keeps it ("file", not "path": gradio's client takes a dict with a "path"
+        for a file to fetch)."""
+        return {"file": d["path"], "fields": d["fields"], "max_len": d["max_len"]} if d else gr.skip()
+
     def on_upload(file_path, model, max_len_tokens, current, mapping):
         """Validate an uploaded file; a bad file leaves the current dataset and every run untouched."""
         if not file_path:
             return {status: gr.skip()}  # an empty dict would count as one value for all the outputs
-        name = Path(str(file_path)).name
-        return load(lambda: actions.upload_dataset(ctx, file_path, name, model, max_len_tokens, mapping), name, current)
+        return read("upload", file_path, model, max_len_tokens, current, mapping)
 
     def on_sample(name, model, max_len_tokens, current, mapping):
-        return load(lambda: actions.use_sample(ctx, name, model, max_len_tokens, mapping), str(name), current)
+        return read("sample", name, model, max_len_tokens, current, mapping)
 
-    upload.upload(on_upload, [upload, shared["model"], max_len, dataset, fields], outputs, api_name="upload_dataset")
-    use_sample.click(on_sample, [sample, shared["model"], max_len, dataset, fields], outputs, api_name="use_sample")
+    def on_settings(src, model, max_len_tokens, current, mapping):
+        """The column mapping or max length changed: read the last file again with them, so a file refused for
+        its column names loads once they are mapped, and the report shows the new truncation."""
+        if not src or src["settings"] == [mapping, max_len_tokens]:
+            return {status: gr.skip()}
+        return read(src["kind"], src["what"], model, max_len_tokens, current, mapping)
+
+    upload.upload(on_upload, [upload, shared["model"], max_len, dataset, fields], [*outputs, source],
+                  api_name="upload_dataset")
+    use_sample.click(on_sample, [sample, shared["model"], max_len, dataset, fields], [*outputs, source],
+                     api_name="use_sample")
+    for widget_, events in ((fields, ("submit", "blur")), (max_len, ("submit", "blur"))):
+        for ev in events:
+            getattr(widget_, ev)(on_settings, [source, shared["model"], max_len, dataset, fields], [*outputs, source],
+                                 api_visibility="private")
     index.change(preview_html, [dataset, index], preview, api_visibility="private", show_progress="hidden")
-    # texts a page can only get from the server, in its language: the table's headers, the empty chart
-    shared["on_load"].append((lambda: (issue_table(), charts.length_histogram([])), [issues, hist]))
+    def on_page_load(kept, model) -> dict:
+        """A page (re)loads: the dataset it had, read again in the page's language; else the empty report's
+        texts, which a page can only get from the server in its language (the table's headers, the chart)."""
+        empty = {issues: issue_table(), hist: charts.length_histogram([])}
+        if not kept:
+            return empty
+        try:
+            out = read("stored", kept["file"], model, kept["max_len"], None, kept["fields"])
+            mapping = ", ".join(f"{k}={v}" for k, v in kept["fields"].items())
+        except (KeyError, TypeError, AttributeError):  # kept by another version of the studio
+            out = {}
+        if dataset not in out:  # deleted since, or the file is no longer one the studio may read
+            return {**empty, remembered: None}
+        return {**out, fields: mapping, max_len: kept["max_len"]}
+
+    dataset.change(remember, dataset, remembered, api_visibility="private")
+    shared["on_load"].append((on_page_load, [remembered, shared["model"]],
+                              [*outputs, source, remembered, fields, max_len]))
     return {"upload": upload, "sample": sample, "use_sample": use_sample, "max_len": max_len, "fields": fields,
             "val_fraction": val_fraction, "val_count": val_count, "status": status, "issues": issues,
             "preview": preview, "hist": hist, "index": index}

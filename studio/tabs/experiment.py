@@ -154,7 +154,7 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
     current.change(user_error(refresh), [current, seen], outputs, api_visibility="private")
     timer.tick(user_error(refresh), [current, seen], outputs, api_visibility="private")
     tab.select(on_tab, current, [dataset, current], api_visibility="private")
-    shared["on_load"].append((lambda: styled(None), [board]))
+    shared["on_load"].append((lambda: styled(None), None, [board]))
     return {"dataset": dataset, "mode": mode, "methods": methods, "start": start, "current": current,
             "board": board, "curves": curves, "advice": advice, "to_chat": to_chat, "message": message}
 

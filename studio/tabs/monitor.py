@@ -114,7 +114,7 @@ def create_monitor_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     log_scale.change(tick, [run_dd, log_scale, seen], outputs, show_progress="hidden", api_visibility="private")
     stop.click(lambda rid: esc(localize(actions.stop_run(ctx, rid))) if rid else "", run_dd, stats,
                api_visibility="private")
-    shared["on_load"].append((empty_charts, [loss_plot, heat, lr_plot, depth_plot]))
+    shared["on_load"].append((empty_charts, None, [loss_plot, heat, lr_plot, depth_plot]))
     shared["monitor_run"].change(lambda rid: gr.update(choices=run_choices(ctx), value=rid) if rid else gr.skip(),
                                  shared["monitor_run"], run_dd, api_visibility="private")
     tab.select(lambda cur: gr.update(choices=run_choices(ctx), value=cur or default_run(ctx)), run_dd, run_dd,

@@ -149,7 +149,7 @@ def create_runs_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     confirm.click(user_error(on_confirm), [target, compare], [confirm_row, message, *lists], api_name="confirm_delete")
     cancel.click(lambda: (gr.update(visible=False), T("runs.nothing_deleted")), None, [confirm_row, message],
                  api_visibility="private")
-    shared["on_load"].append((lambda: (table(ctx), examples_table(), charts.overlay_figure([])),
+    shared["on_load"].append((lambda: (table(ctx), examples_table(), charts.overlay_figure([])), None,
                               [runs_table, worst, overlay]))
     return {"table": runs_table, "compare": compare, "overlay": overlay, "target": target, "message": message,
             "confirm": confirm, "evaluate": evaluate, "eval_summary": eval_md, "eval_examples": worst}

@@ -112,6 +112,10 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         return {status: msg, shared["monitor_run"]: run["id"], shared["tabs"]: gr.Tabs(selected="monitor"),
                 estimate: est["markdown"]}
 
+    def clear_refusal(current: str):
+        """After Check or a new method, a refused Start's ✗ no longer describes the form: the estimate says now."""
+        return "" if (current or "").startswith("✗") else gr.skip()
+
     def on_stop(current):
         return esc(localize(actions.stop_run(ctx, current)))
 
@@ -161,13 +165,15 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     dataset.change(lambda d: d["valid_rows"] if d else gr.skip(), dataset, rows, api_visibility="private")
     tab.select(on_open, None, [suggested, estimate, *(form[k] for k in first_run.SUGGESTED if k != "method")],
                api_visibility="private", inputs_kwargs={**form_inputs["inputs_kwargs"], "first_run_state": suggested})
-    check.click(user_error(on_check), None, estimate, api_name="check_config", **form_inputs)
+    check.click(user_error(on_check), None, estimate, api_name="check_config", **form_inputs).then(
+        clear_refusal, status, status, api_visibility="private")
     start.click(user_error(on_start), None, [status, shared["monitor_run"], shared["tabs"], estimate],
                 api_name="start_run", **form_inputs)
     stop.click(user_error(on_stop), [shared["monitor_run"]], status, api_name="stop_run")
     entry_outputs = [*columns.values(), blurb, train_widgets["train.lr"]]
     method.input(shown, method, entry_outputs, api_visibility="private").then(
-        on_check, None, estimate, api_visibility="private", **form_inputs)
+        on_check, None, estimate, api_visibility="private", **form_inputs).then(
+        clear_refusal, status, status, api_visibility="private")
     advise.click(user_error(on_advise), [rows, hardware, goal], [advice_md, apply, advice_state], api_name="advise")
     apply_outputs = [method, *columns.values(), blurb, *train_widgets.values(), *knobs.values()]
     apply.click(user_error(on_apply), advice_state, apply_outputs, api_name="apply_advice").then(
