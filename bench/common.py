@@ -26,7 +26,7 @@ class Case:
     full_examples: int = 0           # 0 = every training example of the sample
     quick_examples: int = 48
     full_epochs: int = 1             # passes of the full-size run (QUICK runs one)
-    ours_dtype: str = "default"      # "bf16": our side loads the frozen base in bf16 (an ablation, not a default)
+    precision: str = "auto"          # ours' TrainConfig.precision; the peer autocasts to bf16 where it resolves to bf16
 
 
 CASES = [
@@ -37,10 +37,10 @@ CASES = [
     Case("p-tuning", "p_tuning", {"num_virtual_tokens": 20, "encoder_type": "mlp", "encoder_hidden": 128}, lr=3e-3,
          full_examples=128),
 ]
-# Run only when named (--cases): what a bf16 base would give our engine on a CPU with AMX (bf16 matrix units)
+# Run only when named (--cases): both sides in fp32, to set against lora-default on a CPU or GPU with native bf16
 EXTRA_CASES = [
-    Case("lora-bf16-base", "lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, lr=2e-4,
-         quick_examples=64, ours_dtype="bf16"),
+    Case("lora-fp32", "lora", {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}, lr=2e-4, quick_examples=64,
+         full_epochs=2, precision="fp32"),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES + EXTRA_CASES}
 BATCH = 8

@@ -24,8 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     case = CASE_BY_NAME[args.case]
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.side == "ours" and case.ours_dtype == "bf16" else None
-    model, tokenizer = load_model(DEFAULT_MODEL, dtype=dtype)
+    model, tokenizer = load_model(DEFAULT_MODEL)
     device = next(model.parameters()).device
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())

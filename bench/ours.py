@@ -33,7 +33,7 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
         model="(preloaded)",
         method=method_config(case.method, case.knobs),
         train=TrainConfig(lr=case.lr, scheduler="linear", warmup_steps=0, epochs=epochs, batch_size=BATCH, max_len=MAX_LEN,
-                          seed=SEED),  # everything else as a user gets it: log_every 1, precision auto
+                          seed=SEED, precision=case.precision),  # everything else as a user gets it: log_every 1
         data=DataConfig(path=str(train_file), val_fraction=0.0),
     )
     events = []

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+from core.models import resolve_precision
+
 from .common import BATCH, SEED, Case, encode_file, our_batch_order, peak_memory_mb, supervised_tokens
 
 
@@ -121,7 +123,9 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
         save_strategy="no", logging_steps=10, disable_tqdm=True, use_cpu=device.type == "cpu",
         # our batches in our order (see our_batch_order), or the Trainer's own length grouping
         train_sampling_strategy="group_by_length" if grouped else "sequential",
-        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        # bf16 autocast where our side runs bf16-mixed: precision "auto" on a GPU with bf16 or a CPU with AMX or
+        # AVX512-BF16 (Trainer's bf16 keeps fp32 weights and autocasts the forward pass)
+        bf16=resolve_precision(case.precision, device) == "bf16-mixed",
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
     trainer.train()
