@@ -9,12 +9,17 @@ Quill (the sample's assistant). One JSON line, "RESULT {...}".
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
 
+import torch
+
 from core.events import read_events
+from core.models import resolve_precision
 from studio import actions, first_run
+from studio.estimate import EFFICIENCY
 from studio.context import StudioContext
 
 SAMPLE = "identity_sample.json"
@@ -22,14 +27,20 @@ QUESTION = "What is your name?"
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.first_run")
+    ap.add_argument("--precision", default="auto", help="the Advanced box's precision (auto, fp32, bf16-mixed)")
+    args = ap.parse_args()
     ctx = StudioContext.create(tempfile.mkdtemp(prefix="bench-first-run-"))
     try:
         dataset = actions.use_sample(ctx, SAMPLE)
-        form = {**actions.form_defaults(), "data.path": dataset["path"], "name": "first run"}
+        form = {**actions.form_defaults(), "data.path": dataset["path"], "name": "first run",
+                "train.precision": args.precision}
         tip = first_run.suggest(ctx, form, dataset, actions.detect_hardware())
         if tip is not None:  # on a GPU the page keeps core's defaults
             form.update(tip["values"])
         estimate = actions.check(ctx, form, dataset)
+        device = "cpu" if actions.detect_hardware() == "cpu" else "cuda"
+        precision = resolve_precision(args.precision, torch.device(device))
         started = time.perf_counter()
         run = actions.start_run(ctx, form, dataset)
         while (state := actions.run_status(ctx, run["id"]))["status"] in ("queued", "running"):
@@ -45,7 +56,9 @@ def main() -> None:
             "hardware": actions.detect_hardware(), "form": tip["values"] if tip else None,
             "steps": len(steps), "estimated_train_s": estimate["train_seconds"], "measured_train_s": train_s,
             "start_to_trained_s": trained - started, "start_to_answer_s": answered - started,
-            "answer": answer, "says_quill": "Quill" in answer,
+            "answer": answer, "says_quill": "Quill" in answer, "precision": precision,
+            # the share of the plain matmul rate the run reached: studio.estimate.EFFICIENCY's evidence
+            "efficiency": estimate["train_seconds"] * EFFICIENCY[precision] / train_s if train_s else None,
         }
     finally:
         for r in ctx.store.list(status=("running", "queued")):

@@ -60,7 +60,10 @@ from core.train import shares_prefix
 from .i18n import t
 
 GB = 1024**3
-EFFICIENCY = 0.5  # the share of the plain matmul rate a whole training step reaches; bench/first_run.py reports it
+# The share of the plain matmul rate (matmul_rate) a whole training step reaches, by precision; bench/first_run.py
+# reports it. fp32: 0.60 on 2 AVX2 cores, 0.62 on 2 AVX-512 cores. bf16-mixed: 0.20 on 2 AVX512-BF16 cores, whose
+# bf16 matmuls run several times their fp32 while the rest of a step (attention, norms, casts, the optimiser) does not.
+EFFICIENCY = {"fp32": 0.6, "bf16-mixed": 0.2}
 
 
 @dataclass
@@ -150,7 +153,7 @@ class Estimator:
             call = piece_budget(torch.device(device))[1] if shared else 0  # the prefix's own pass: one more call
             tokens = rows * mean - (rows - train.grad_accum) * shared + train.grad_accum * call
             flops = step_flops(shape, total, trainable, tokens, rows * supervised)
-            est.train_seconds = est.steps * flops / (matmul_rate(device, precision) * EFFICIENCY)
+            est.train_seconds = est.steps * flops / (matmul_rate(device, precision) * EFFICIENCY[precision])
         return est
 
 

@@ -125,6 +125,10 @@ def test_train_tab_opens_without_a_dataset_and_without_errors(page):
     page.wait_for_timeout(1500)
     errors = page.locator(".error").filter(has_text="Error")
     assert errors.count() == 0, [errors.nth(i).inner_text() for i in range(errors.count())]
+    # a checkbox among number fields keeps a readable width (gradio gives it none; assets/studio.css)
+    page.get_by_text("Advanced", exact=True).first.click()
+    box = page.locator("#ps-train-grad_checkpointing").bounding_box()
+    assert box and box["width"] >= 150, box
     # Start without data is refused under the button; after Check the estimate speaks, and the old ✗ goes
     page.locator("#ps-start").click()
     wait_text(page, "#ps-train-status", "✗")

@@ -59,6 +59,9 @@ def test_experiment_leaderboard_fills_and_opens_chat(page, studio, tmp_path):  #
     for m in METHODS:
         assert m in text
     assert "rouge_l" in text  # QA's task metric
+    # full width: no header is so narrow that its words break inside ("me/th/od" beside the chart, before)
+    widths = page.evaluate("() => [...document.querySelectorAll('#ps-exp-board th')].map(th => th.offsetWidth)")
+    assert widths and min(widths) >= 40, widths
     # ---- sortable: the header menu sorts by the numbers, not their text ---------------------------------------
     by_trainable = sorted(METHODS, key=lambda m: next(r["trainable"] for r in view_rows(ctx) if r["method"] == m))
     for order, expected in (("Sort ascending", by_trainable[0]), ("Sort descending", by_trainable[-1])):

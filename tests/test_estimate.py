@@ -129,3 +129,20 @@ def test_the_time_estimate_counts_a_shared_prefix_once_per_micro_batch_and_every
 
     call = piece_budget(torch.device("cpu"))[1]  # the prefix's own forward and backward
     assert seen == [8 * 60 - 6 * 24 + 2 * call, 8 * (60 + virtual), 8 * 60]
+
+
+def test_training_time_counts_the_precision_s_share_of_the_matmul_rate(monkeypatch):
+    """bf16 matmuls run several times their fp32 on bf16 hardware while the rest of a step does not: the time
+    estimate divides by the rate measured in the run's precision times that precision's EFFICIENCY."""
+    import studio.estimate as E
+    from core.config import DataConfig
+    from core.methods import method_config
+
+    monkeypatch.setattr(E, "matmul_rate", lambda device, precision: {"fp32": 1e9, "bf16-mixed": 4e9}[precision])
+    estimator = Estimator({"tiny": tiny_lm().config})
+    stats = {"n": 100, "mean": 60.0, "supervised_tokens": 2000, "shared_prefix": 0}
+    seconds = {p: estimator.estimate("tiny", method_config("lora"), TrainConfig(batch_size=4, max_len=64, precision=p),
+                                     64, data=(stats, DataConfig())).train_seconds for p in ("fp32", "bf16-mixed")}
+    ratio = (4e9 * E.EFFICIENCY["bf16-mixed"]) / (1e9 * E.EFFICIENCY["fp32"])
+    assert seconds["fp32"] / seconds["bf16-mixed"] == pytest.approx(ratio)
+    assert E.EFFICIENCY["bf16-mixed"] < E.EFFICIENCY["fp32"]

@@ -148,6 +148,7 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
             getattr(widget_, ev)(on_settings, [source, shared["model"], max_len, dataset, fields], [*outputs, source],
                                  api_visibility="private")
     index.change(preview_html, [dataset, index], preview, api_visibility="private", show_progress="hidden")
+
     def on_page_load(kept, model) -> dict:
         """A page (re)loads: the dataset it had, read again in the page's language; else the empty report's
         texts, which a page can only get from the server in its language (the table's headers, the chart)."""
@@ -155,8 +156,8 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         if not kept:
             return empty
         try:
-            out = read("stored", kept["file"], model, kept["max_len"], None, kept["fields"])
-            mapping = ", ".join(f"{k}={v}" for k, v in kept["fields"].items())
+            mapping = ", ".join(f"{k}={v}" for k, v in kept["fields"].items())  # as the box shows it
+            out = read("stored", kept["file"], model, kept["max_len"], None, mapping)
         except (KeyError, TypeError, AttributeError):  # kept by another version of the studio
             out = {}
         if dataset not in out:  # deleted since, or the file is no longer one the studio may read

@@ -1,6 +1,6 @@
 """Experiment tab: choose a dataset, then several methods or one method's knob values; one click queues them all
 (same split, seed and steps). The leaderboard fills as runs end (best value per column marked), the loss curves
-overlay beside it, the advisor's recommendation is checked against the measurement, results.csv and report.html
+overlay below it, the advisor's recommendation is checked against the measurement, results.csv and report.html
 download, and one click opens the two best runs side by side in Chat. The logic is in studio.sweeps."""
 
 from __future__ import annotations
@@ -93,12 +93,10 @@ def create_experiment_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component
                                          interactive=False)
             to_chat = gr.Button(T("experiment.to_chat"), elem_id="ps-exp-chat", scale=0, min_width=200)
         advice = gr.Markdown(elem_id="ps-exp-advice")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                board = gr.Dataframe(styled(None), interactive=False, wrap=True, elem_id="ps-exp-board",
-                                     label=T("experiment.board"))
-            with gr.Column(scale=2):
-                curves = gr.Plot(charts.overlay_figure([]), show_label=False, elem_id="ps-exp-curves")
+        # full width, the overlay below: fourteen columns beside a chart broke the headers inside words
+        board = gr.Dataframe(styled(None), interactive=False, wrap=True, elem_id="ps-exp-board",
+                             label=T("experiment.board"))
+        curves = gr.Plot(charts.overlay_figure([]), show_label=False, elem_id="ps-exp-curves")
         seen = gr.State(None)
         timer = gr.Timer(POLL_S)
 
