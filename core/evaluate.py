@@ -313,7 +313,8 @@ def evaluate_run(
     from .config import RunConfig
     from .data import load_examples, split
     from .events import METRICS_FILE, append_event, pid_alive, read_events, read_status, summarize
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import autocast as precision_autocast
+    from .models import base_dtype, hold_weights_in, load_model, load_tokenizer, resolve_device, resolve_precision
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -340,11 +341,12 @@ def evaluate_run(
     if not held_out:
         raise ValueError(f"run {run_dir.name} has no validation rows (val_fraction 0): pass a file to evaluate on")
     device_ = resolve_device(device)
+    precision = resolve_precision(tc.precision, device_)  # the run's own: the numbers its final eval gave
     if model is None:
-        model, _ = load_model(cfg.model, device=device_, tokenizer=tokenizer)
+        model, _ = load_model(cfg.model, device=device_, dtype=base_dtype(precision), tokenizer=tokenizer)
+    hold_weights_in(model.to(device_), base_dtype(precision))
     method = load_adapter(model, run_dir / "adapter")
-    amp = device_.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    autocast = precision_autocast(precision, device_)
     labels = []
     if report.format == "classification":  # the labels seen in training, or the file's own (another task's run)
         labels = labels_of(train if fmt == "classification" else held_out, tokenizer)

@@ -66,7 +66,9 @@ def write_qa(path: Path, n: int = 16) -> Path:
 
 
 def run_config(data: Path, method=None, **train_kw) -> RunConfig:
-    defaults = dict(lr=1e-2, max_steps=4, batch_size=4, max_len=64, warmup_steps=0, scheduler="constant")
+    # fp32 unless a test asks: "auto" would be bf16 on a CPU with AVX512-BF16, and these tests compare numbers
+    defaults = dict(lr=1e-2, max_steps=4, batch_size=4, max_len=64, warmup_steps=0, scheduler="constant",
+                    precision="fp32")
     defaults.update(train_kw)
     return RunConfig(
         model="tiny",
