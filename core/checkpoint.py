@@ -138,8 +138,11 @@ def check_base(model: nn.Module, sidecar: dict[str, Any], folder: Path) -> None:
         )
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> Method:
-    """Apply the saved method to ``model`` and load its tensors. Returns the method, ready for inference."""
+def load_adapter(model: nn.Module, folder: str | Path, hold: torch.dtype | None = None) -> Method:
+    """Apply the saved method to ``model`` and load its tensors. Returns the method, ready for inference.
+
+    ``hold``: the dtype of the weights the method does not train, as training holds them under bf16-mixed (what
+    it trains stays in its own dtype, fp32): a re-evaluation then computes what the run's final eval did."""
     folder = Path(folder)
     sidecar = read_sidecar(folder)
     check_base(model, sidecar, folder)
@@ -148,12 +151,21 @@ def load_adapter(model: nn.Module, folder: str | Path) -> Method:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise ValueError(f"adapter folder {folder} is corrupt: {ADAPTER_WEIGHTS} cannot be read ({e})") from None
-    method.apply(model)
+    model.requires_grad_(False)
+    for p in model.parameters() if hold is not None else []:  # the values training started from ...
+        if p.is_floating_point() and p.dtype != hold:
+            p.data = p.data.to(hold).to(p.dtype)
+    method.apply(model)  # marks what it trains
     try:
         method.load_adapter_tensors(model, tensors)
     except ValueError as e:
         method.remove(model)
         raise ValueError(f"adapter {folder}: {e}") from None
+    if hold is not None:  # ... loaded in full precision, then what the method does not train held in ``hold``
+        trained = {id(t) for t in method.trainable_parameters(model).values()}
+        for p in model.parameters():
+            if p.is_floating_point() and id(p) not in trained and p.dtype != hold:
+                p.data = p.data.to(hold)
     model.requires_grad_(False)
     return method
 

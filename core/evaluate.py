@@ -314,7 +314,7 @@ def evaluate_run(
     from .data import load_examples, split
     from .events import METRICS_FILE, append_event, pid_alive, read_events, read_status, summarize
     from .models import autocast as precision_autocast
-    from .models import base_dtype, hold_weights_in, load_model, load_tokenizer, resolve_device, resolve_precision
+    from .models import base_dtype, load_model, load_tokenizer, resolve_device, resolve_precision
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -343,9 +343,9 @@ def evaluate_run(
     device_ = resolve_device(device)
     precision = resolve_precision(tc.precision, device_)  # the run's own: the numbers its final eval gave
     if model is None:
-        model, _ = load_model(cfg.model, device=device_, dtype=base_dtype(precision), tokenizer=tokenizer)
-    hold_weights_in(model.to(device_), base_dtype(precision))
-    method = load_adapter(model, run_dir / "adapter")
+        model, _ = load_model(cfg.model, device=device_, dtype=torch.float32, tokenizer=tokenizer)
+    # held as training held it: under bf16-mixed, the base in bf16 and what the method trained in fp32
+    method = load_adapter(model.to(device_), run_dir / "adapter", hold=base_dtype(precision))
     autocast = precision_autocast(precision, device_)
     labels = []
     if report.format == "classification":  # the labels seen in training, or the file's own (another task's run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,16 @@ def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, 
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()[:16]
-    safe = re.sub(r"[^\w.-]+", "_", stem).strip("._")[:60] or "data"
+    safe = re.sub(r"[^\w.-]+", "_", stem).strip("._").encode()[:120].decode(errors="ignore") or "data"  # bytes
     dest = inside(uploads_dir, f"{digest}-{safe}{ext}")
     if dest.is_file():
         return dest, False
-    shutil.copyfile(src, dest, follow_symlinks=False)
+    part = inside(uploads_dir, f".{digest}-{secrets.token_hex(4)}.part")  # complete or absent: never half a file
+    try:
+        shutil.copyfile(src, part, follow_symlinks=False)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
     return dest, True
 
 

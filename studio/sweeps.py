@@ -24,7 +24,7 @@ from core.sweep import sweep_record, write_outputs
 from core.sweep_report import HEADERS, MARK
 
 from .actions import _dataset_path, build_config, detect_hardware
-from .datasets import shown_name
+from .datasets import EXTENSIONS, shown_name
 from .paths import inside
 
 GOAL = "quality"  # the advisor's goal an experiment is compared with: which method gives the best results
@@ -133,7 +133,7 @@ def dataset_choices(ctx) -> list[tuple[str, str]]:
     """(label, path) of the datasets an experiment may use: the bundled samples and the uploads."""
     out = [(f"sample · {name}", str(p)) for name, p in ctx.samples().items()]
     uploads = sorted(Path(ctx.uploads_dir).glob("*"), key=lambda p: -p.stat().st_mtime)
-    return out + [(f"upload · {shown_name(p)}", str(p)) for p in uploads if p.is_file()]
+    return out + [(f"upload · {shown_name(p)}", str(p)) for p in uploads if p.is_file() and p.suffix in EXTENSIONS]
 
 
 # The leaderboard as the Experiment tab shows it: (header, core.leaderboard column); headers are the report's.

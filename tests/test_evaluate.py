@@ -333,3 +333,19 @@ def test_evaluate_refuses_active_runs_and_reports_a_failed_worker(studio_run):
     state = actions.evaluation(ctx, run_id, wait_s=60)
     assert state == {"status": "failed", "message": "the adapter folder is corrupt", "event": None}
     assert actions.evaluation(ctx, run_id)["status"] == "failed"
+
+
+@pytest.mark.parametrize("method", ["full", "prompt_tuning", "fishmask"])
+def test_cli_eval_of_a_bf16_run_repeats_its_final_eval(method, tmp_path, capsys):
+    """Under bf16-mixed, training keeps what the method trains in fp32 (full fine-tuning's embeddings, a prompt
+    table, FishMask's whole masked tensors) over a bf16 base; re-evaluating must hold the model the same way."""
+    model_dir = save_tiny_lm(tmp_path / "model", init=0.5)
+    data = write_qa(tmp_path / "qa.json", n=12)
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--method", method, "--max-steps", "2",
+                 "--batch-size", "4", "--max-len", "64", "--val-count", "3", "--eval-max-new-tokens", "3",
+                 "--precision", "bf16-mixed", "--out", str(tmp_path / "run")]) == 0
+    end = _final_eval(read_events(tmp_path / "run"))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--json", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval_loss"] == pytest.approx(end["eval_loss"], rel=1e-6)

@@ -158,7 +158,9 @@ def test_uploads_are_stored_under_safe_names_once_per_content(tmp_path):
         store_upload(uploads, src, "run.py", max_bytes=1024)
     with pytest.raises(DataError, match="limit"):
         store_upload(uploads, src, "big.json", max_bytes=4)
-    assert len(list(uploads.iterdir())) == 5
+    assert len(list(uploads.iterdir())) == 5  # and no partial copy left behind
+    long_name = "\U00020000" * 100 + ".json"  # 4 bytes each in UTF-8: the stored name stays within 255 bytes
+    assert len(store_upload(uploads, other, long_name, max_bytes=1024)[0].name.encode()) <= 255
 
 
 def test_a_registry_migrated_by_a_newer_version_still_reads(store):
