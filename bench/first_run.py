@@ -14,10 +14,8 @@ import json
 import tempfile
 import time
 
-import torch
-
 from core.events import read_events
-from core.models import resolve_precision
+from core.models import resolve_device, resolve_precision
 from studio import actions, first_run
 from studio.estimate import EFFICIENCY
 from studio.context import StudioContext
@@ -39,8 +37,7 @@ def main() -> None:
         if tip is not None:  # on a GPU the page keeps core's defaults
             form.update(tip["values"])
         estimate = actions.check(ctx, form, dataset)
-        device = "cpu" if actions.detect_hardware() == "cpu" else "cuda"
-        precision = resolve_precision(args.precision, torch.device(device))
+        precision = resolve_precision(args.precision, resolve_device("auto"))
         started = time.perf_counter()
         run = actions.start_run(ctx, form, dataset)
         while (state := actions.run_status(ctx, run["id"]))["status"] in ("queued", "running"):

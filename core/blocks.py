@@ -119,10 +119,15 @@ def depth_label(depth: int | str | None, num_layers: int | None) -> str:
     return f"block {depth}"
 
 
+def block_index(label: str) -> int | None:
+    """l for a depth label "block l" (depth_label), None for any other label."""
+    return int(label[6:]) if label.startswith("block ") and label[6:].isdigit() else None
+
+
 def label_order(label: str) -> tuple[int, int, str]:
     """Sort key that puts depth labels bottom to top: embed, block 0 .. block L-1, head, then anything else."""
     if label == "embed":
         return (0, 0, label)
-    if label.startswith("block ") and label[6:].isdigit():
-        return (1, int(label[6:]), label)
+    if (block := block_index(label)) is not None:
+        return (1, block, label)
     return (2, 0, label) if label == "head" else (3, 0, label)

@@ -48,6 +48,7 @@ from torch import nn
 from . import dist
 from .blocks import model_shape
 from .methods import Method, build_method, method_config, specs
+from .models import hold_weights_in
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -162,10 +163,7 @@ def load_adapter(model: nn.Module, folder: str | Path, hold: torch.dtype | None 
         method.remove(model)
         raise ValueError(f"adapter {folder}: {e}") from None
     if hold is not None:  # ... loaded in full precision, then what the method does not train held in ``hold``
-        trained = {id(t) for t in method.trainable_parameters(model).values()}
-        for p in model.parameters():
-            if p.is_floating_point() and id(p) not in trained and p.dtype != hold:
-                p.data = p.data.to(hold)
+        hold_weights_in(model, hold, but=method.trainable_parameters(model).values())
     model.requires_grad_(False)
     return method
 

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -123,11 +124,12 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
-def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast the floating-point parameters to ``dtype`` in place. Buffers keep theirs: rotary frequencies stay fp32,
-    as ``from_pretrained(dtype=...)`` leaves them."""
+def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype, but: Iterable[torch.Tensor] = ()) -> torch.nn.Module:
+    """Cast the floating-point parameters to ``dtype`` in place, except those in ``but``. Buffers keep theirs:
+    rotary frequencies stay fp32, as ``from_pretrained(dtype=...)`` leaves them."""
+    kept = {id(t) for t in but}
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
+        if p.is_floating_point() and p.dtype != dtype and id(p) not in kept:
             p.data = p.data.to(dtype)
     return model
 

@@ -8,7 +8,7 @@ import math
 
 import plotly.graph_objects as go
 
-from core.blocks import depth_label, label_order
+from core.blocks import block_index, depth_label, label_order
 from core.events import finite as _num
 from core.events import of_type
 
@@ -110,8 +110,8 @@ def lr_groups_figure(events: list[dict]) -> go.Figure:
 def shown_depth(label: str) -> str:
     """A depth label of the events ("embed", "block 3", "head", "prompt") in the page's language; any other
     group name (a method's own) as it is."""
-    if label.startswith("block ") and label[6:].isdigit():
-        return t("chart.depth_block", n=int(label[6:]))
+    if (block := block_index(label)) is not None:
+        return t("chart.depth_block", n=block)
     named = {"embed": "chart.depth_embed", "head": "chart.depth_head", "prompt": "chart.depth_prompt"}
     return t(named[label]) if label in named else label
 

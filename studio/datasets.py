@@ -1,7 +1,7 @@
 """Uploaded and bundled datasets: store an upload under a generated name, then validate and inspect it.
 
 Uploads are only ever parsed as data (core.data: JSON, or CSV / Parquet through ``datasets``), never executed. They are copied into DATA/uploads/
-under a random name, so the user's file name never becomes a path.
+under their content's hash and a sanitised copy of their name, so the user's file name never becomes a path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +40,21 @@ def store_upload(uploads_dir: Path, src: str | os.PathLike, original_name: str, 
         raise DataError(f"{name} is {size / 2**20:.1f} MB, over the upload limit of {max_bytes / 2**20:.1f} MB.")
     if size == 0:
         raise DataError(f"{name} is empty (0 bytes).")
-    h = hashlib.sha256()
-    with open(src, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()[:16]
     safe = re.sub(r"[^\w.-]+", "_", stem).strip("._").encode()[:120].decode(errors="ignore") or "data"  # bytes
-    dest = inside(uploads_dir, f"{digest}-{safe}{ext}")
-    if dest.is_file():
-        return dest, False
-    part = inside(uploads_dir, f".{digest}-{secrets.token_hex(4)}.part")  # complete or absent: never half a file
+    part = inside(uploads_dir, f".{secrets.token_hex(8)}.part")  # renamed when complete: never half a file
     try:
-        shutil.copyfile(src, part, follow_symlinks=False)
+        h = hashlib.sha256()
+        with open(src, "rb") as f, open(part, "wb") as out:  # one read: hashed as it is copied
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        dest = inside(uploads_dir, f"{h.hexdigest()[:16]}-{safe}{ext}")
+        if dest.is_file():
+            return dest, False
         os.replace(part, dest)
+        return dest, True
     finally:
         part.unlink(missing_ok=True)
-    return dest, True
 
 
 def shown_name(stored: Path) -> str:

@@ -58,6 +58,11 @@ def info_text(cls: type, name: str, lang: str) -> str:
     return text
 
 
+def pairs_text(value: Any) -> str:
+    """A dict field as its text box shows it ("instruction=prompt, output=completion"); core parses it back."""
+    return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+
 def widget(cls: type, name: str, value: Any = dataclasses.MISSING, **kw: Any) -> gr.Component:
     """A widget for one config field: number widgets for numbers, radio/dropdown for choices, with help + unit.
 
@@ -85,8 +90,7 @@ def widget(cls: type, name: str, value: Any = dataclasses.MISSING, **kw: Any) ->
                                label=label, info=info, **kw)
         return gr.Textbox(value=", ".join(default), label=label, info=info, **kw)
     if getattr(hint, "__origin__", None) is dict:  # name=value pairs; core's config parses and checks them
-        text = ", ".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else str(default)
-        return gr.Textbox(value=text, label=label, info=info, **kw)
+        return gr.Textbox(value=pairs_text(default), label=label, info=info, **kw)
     return gr.Textbox(value=default, label=label, info=info, **kw)
 
 
@@ -101,4 +105,4 @@ def entry_widgets(entry: Entry, **kw: Any) -> dict[str, gr.Component]:
     return out
 
 
-__all__ = ["BY_KEY", "ENTRIES", "Entry", "entry_widgets", "widget"]
+__all__ = ["BY_KEY", "ENTRIES", "Entry", "entry_widgets", "pairs_text", "widget"]

@@ -15,7 +15,7 @@ from .. import actions, charts
 from ..datasets import EXTENSIONS
 from ..format import esc, log
 from ..i18n import T, choice, t
-from ..knobs import widget
+from ..knobs import pairs_text, widget
 from ..messages import localize
 
 def issue_table(rows: list | None = None) -> dict:
@@ -156,7 +156,7 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         if not kept:
             return empty
         try:
-            mapping = ", ".join(f"{k}={v}" for k, v in kept["fields"].items())  # as the box shows it
+            mapping = pairs_text(kept["fields"])
             out = read("stored", kept["file"], model, kept["max_len"], None, mapping)
         except (KeyError, TypeError, AttributeError):  # kept by another version of the studio
             out = {}
