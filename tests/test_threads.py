@@ -88,7 +88,10 @@ FOLLOWING_WORKER = textwrap.dedent(
     for _ in range(400):
         follower.follow()
         seen.append(torch.get_num_threads())
-        open(os.path.join(out, "seen.json"), "w").write(json.dumps(seen))
+        part = os.path.join(out, "seen.json.part")
+        with open(part, "w") as f:
+            f.write(json.dumps(seen))
+        os.replace(part, os.path.join(out, "seen.json"))  # the test never reads a half-written file
         if os.path.exists(os.path.join(out, "STOP")):
             break
         time.sleep(0.02)
