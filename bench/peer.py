@@ -110,6 +110,7 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
     import peft
 
     init = our_init(case, model)  # not timed
+    model.set_attn_implementation("sdpa")  # transformers' default; load_model gave it our engine's (core.attention)
     t0 = time.perf_counter()
     train = encode_file(train_file, tokenizer)
     model = peft.get_peft_model(model, peft_config(case, model))

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import dist
+from . import attention, dist
 from .blocks import depth_label, depth_map, find_blocks
 from .checkpoint import (
     checkpoint_step,
@@ -308,6 +308,7 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     if model is None:
         model = load_model(cfg.model, device=device, dtype=dtype, tokenizer=tokenizer)[0]
     hold_weights_in(model.to(device), dtype)
+    attention.use(model)  # a model passed in (tests, notebooks) runs the attention load_model gives
     model.requires_grad_(False)
     torch.manual_seed(tc.seed)  # the method's init does not depend on what loading drew from the RNG
     method = build_method(cfg.method, tokenizer=tokenizer)
