@@ -1,7 +1,8 @@
 """`make bench [QUICK=1]`: every case, ours vs transformers.Trainer + peft, each side in its own process.
 
-Ours runs with the settings a user gets (log_every 1, precision auto). The peer runs twice, on our batches and
-with its own group_by_length; the table compares ours with the faster of the two. Writes bench/results.json and
+Ours runs with the settings a user gets (log_every 1, precision auto). The peer runs three times (common.PEER_SIDES):
+on our batches, with its own group_by_length, and with group_by_length and transformers' eager attention; the
+table compares ours with the fastest. Writes bench/results.json and
 prints the token-length histogram of the data, a markdown table of the training cases, one of chat generation
 (bench/generation.py, which fails unless greedy tokens are identical) and one of a training step while the studio
 chats (bench/contention.py). The machine line lists the CPU's vector and matrix flags (AVX2, AVX-512, AMX).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CASE_BY_NAME, CASES, SAMPLE, encode_file, length_histogram, write_split
+from .common import CASE_BY_NAME, CASES, PEER_SIDES, SAMPLE, encode_file, length_histogram, write_split
 
 OUT = Path(__file__).parent / "results.json"
 
@@ -72,12 +73,12 @@ def data_report(quick: bool) -> dict:
 
 def table(results: dict) -> str:
     gpu = any(c["ours"].get("mfu") is not None for c in results["cases"])
-    rows = ["| case | ours wall s | peer wall s (random / grouped) | speedup vs peer's best | ours tok/s | peer tok/s "
+    rows = ["| case | ours wall s | peer wall s (random / grouped / grouped eager) | speedup vs peer's best | ours tok/s | peer tok/s "
             "| mem ours/peer MB | mem ratio | eval loss ours / peer | loss delta |" + (" MFU ours / peer |" if gpu else ""),
             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for c in results["cases"]:
         o, p = c["ours"], c["peer"]
-        walls = " / ".join(f"{c['peers'][s]['wall_s']:.1f}" for s in ("peer", "peer-grouped"))
+        walls = " / ".join(f"{c['peers'][s]['wall_s']:.1f}" if s in c["peers"] else "-" for s in PEER_SIDES)
         row = (
             f"| {c['name']} | {o['wall_s']:.1f} | {walls} | {c['speedup']:.2f}x | {o['tokens_per_s']:.0f} | "
             f"{p['tokens_per_s']:.0f} | {o['peak_mem_mb']:.0f} / {p['peak_mem_mb']:.0f} | {c['mem_ratio']:.2f} | "
@@ -126,11 +127,11 @@ def main() -> None:
     print("\n".join(data["histogram"]) + "\n", flush=True)
     for name in args.cases:
         ours = run_side(name, "ours", args.quick)
-        peers = {side: run_side(name, side, args.quick) for side in ("peer", "peer-grouped")}
+        peers = {side: run_side(name, side, args.quick) for side in PEER_SIDES}
         best = min(peers, key=lambda side: peers[side]["wall_s"])  # the peer's best standard setting
         peer = peers[best]
-        print(f"{name}: ours {ours['wall_s']:.1f}s, peer {peers['peer']['wall_s']:.1f}s, peer grouped "
-              f"{peers['peer-grouped']['wall_s']:.1f}s", flush=True)
+        print(f"{name}: ours {ours['wall_s']:.1f}s, " + ", ".join(f"{s} {r['wall_s']:.1f}s" for s, r in peers.items()),
+              flush=True)
         results["cases"].append({
             "name": name, "ours": ours, "peer": peer, "peer_best": best, "peers": peers,
             "speedup": peer["wall_s"] / ours["wall_s"],

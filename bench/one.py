@@ -13,13 +13,13 @@ from core.config import DEFAULT_MODEL
 from core.models import load_model
 
 from . import ours, peer
-from .common import CASE_BY_NAME, encode_file, mfu, model_flops, write_split
+from .common import CASE_BY_NAME, PEER_SIDES, encode_file, mfu, model_flops, write_split
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", required=True, choices=sorted(CASE_BY_NAME))
-    ap.add_argument("--side", required=True, choices=["ours", "peer", "peer-grouped"])
+    ap.add_argument("--side", required=True, choices=["ours", *PEER_SIDES])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     case = CASE_BY_NAME[args.case]
@@ -36,8 +36,9 @@ def main() -> None:
         if args.side == "ours":
             result = ours.run(case, model, tokenizer, train_file, val_file, work, device, epochs)
         else:
-            result = peer.run(case, model, tokenizer, train_file, val_file, work, device,
-                              grouped=args.side == "peer-grouped", epochs=epochs)
+            grouped, attn = PEER_SIDES[args.side]
+            result = peer.run(case, model, tokenizer, train_file, val_file, work, device, grouped=grouped,
+                              epochs=epochs, attn=attn)
         if device.type == "cuda":
             flops = model_flops(encode_file(train_file, tokenizer), n_params, cfg.num_hidden_layers, cfg.hidden_size)
             result["mfu"] = mfu(flops, result["wall_s"])

@@ -102,15 +102,17 @@ def eval_loss(model, examples, collator, device) -> float:
 
 
 def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device,
-        grouped: bool = False, epochs: int = 1) -> dict:
+        grouped: bool = False, epochs: int = 1, attn: str = "sdpa") -> dict:
     """Timed like ours (the whole of core.train.train): tokenise, wrap, train, save the adapter.
 
     ``grouped``: the Trainer's strongest standard setting, batches of similar lengths (its LengthGroupedSampler,
-    group_by_length) instead of our batches in our order; the rows and the init are still shared."""
+    group_by_length) instead of our batches in our order; the rows and the init are still shared. ``attn``: the
+    model's attn_implementation, transformers' default "sdpa" or its "eager" matmuls (faster for short rows under
+    bf16 autocast on a CPU, where SDPA's flash kernel runs in bf16)."""
     import peft
 
     init = our_init(case, model)  # not timed
-    model.set_attn_implementation("sdpa")  # transformers' default; load_model gave it our engine's (core.attention)
+    model.set_attn_implementation(attn)  # load_model gave it our engine's (core.attention)
     t0 = time.perf_counter()
     train = encode_file(train_file, tokenizer)
     model = peft.get_peft_model(model, peft_config(case, model))

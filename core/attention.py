@@ -55,18 +55,24 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     return out.transpose(1, 2).contiguous(), None
 
 
+def grouped(device: torch.device, dtype: torch.dtype, keys: int) -> bool:
+    """Whether attention over ``keys`` keys in ``dtype`` on ``device`` runs as grouped matmuls (else SDPA), which
+    keep one (B, H, Tq, Tk) tensor of ``dtype`` for the backward pass (studio.estimate counts it)."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and keys <= SHORT_KEYS
+
+
 def _short_cpu(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kwargs: dict) -> bool:
     """Whether ``attention`` computes this call itself (else SDPA does): short half-precision attention on the
-    CPU, causal with a boolean mask or none, and nothing the grouped form does not do (softcap, sliding window,
-    a position bias, returned weights)."""
-    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
+    CPU (``grouped``), causal with a boolean mask or none, and nothing the grouped form does not do (softcap,
+    sliding window, a position bias, returned weights)."""
+    if not grouped(query.device, query.dtype, key.shape[2]):
         return False
     if any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "position_bias")):
         return False
     if kwargs.get("output_attentions") or query.shape[1] % key.shape[1]:
         return False
     tq, tk = query.shape[2], key.shape[2]
-    if tq < 2 or tk > SHORT_KEYS:  # one query (decoding): SDPA is already a matrix-vector product
+    if tq < 2:  # one query (decoding): SDPA is already a matrix-vector product
         return False
     if mask is None:  # SDPA reads None as causal (query i sees keys <= i) when the module is causal
         return tq == tk and getattr(module, "is_causal", True) and kwargs.get("is_causal") is not False

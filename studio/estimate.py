@@ -15,8 +15,9 @@ tensors that full fine-tuning, Freeze and FishMask keep):
     activations  P · L · A · base, the largest piece of a batch (core.forward.pieces: P positions, at most
                  piece_budget's cap unless one row is longer), through L blocks that keep A entries a position:
                  6d + 2·kv + 3·ff for the backward through a frozen block, plus the input of every block linear
-                 whose weights (or a LoRA / adapter on it) train. With gradient checkpointing: P · L · d · base
-                 plus one block's worth.
+                 whose weights (or a LoRA / adapter on it) train, plus H · T attention probabilities where a
+                 CPU runs bf16 attention as matmuls (core.attention.grouped: T keys, H heads). With gradient
+                 checkpointing: P · L · d · base plus one block's worth.
                  Plus the LM head, which runs only at supervised positions, CE_CHUNK of them at a time: one
                  (c, V) block of fp32 logits, turned into its softmax in place (4 bytes an entry, 6 while bf16
                  logits are copied to fp32).
@@ -49,6 +50,7 @@ from torch import nn
 from core.config import DataConfig, MethodConfig, TrainConfig
 from core.data.batching import val_size
 from core.dist import DistInfo, strategy
+from core import attention
 from core.blocks import find_blocks
 from core.events import duration
 from core.forward import CE_CHUNK, piece_budget
@@ -61,9 +63,9 @@ from .i18n import t
 
 GB = 1024**3
 # The share of the plain matmul rate (matmul_rate) a whole training step reaches, by precision; bench/first_run.py
-# reports it. fp32: 0.60 on 2 AVX2 cores, 0.62 on 2 AVX-512 cores. bf16-mixed: 0.20 on 2 AVX512-BF16 cores, whose
+# reports it. fp32: 0.60 on 2 AVX2 cores, 0.62 on 2 AVX-512 cores. bf16-mixed: 0.23 on 2 AVX512-BF16 cores, whose
 # bf16 matmuls run several times their fp32 while the rest of a step (attention, norms, casts, the optimiser) does not.
-EFFICIENCY = {"fp32": 0.6, "bf16-mixed": 0.2}
+EFFICIENCY = {"fp32": 0.6, "bf16-mixed": 0.23}
 
 
 @dataclass
@@ -166,6 +168,8 @@ def activation_bytes(model: nn.Module, shape, train: TrainConfig, seq: int, supe
     d, layers = shape.hidden_size, shape.num_layers
     ff = int(getattr(model.config, "intermediate_size", None) or 4 * d)
     per_position = 6 * d + 2 * shape.kv_dim + 3 * ff + trained_inputs(find_blocks(model)[1][0])
+    if attention.grouped(device, torch.bfloat16 if base == 2 else torch.float32, seq):  # its (H, Tq, Tk) probabilities
+        per_position += int(getattr(model.config, "num_attention_heads", 0) or 0) * seq
     if train.grad_checkpointing:
         body = positions * (layers * d + per_position) * base
     else:
