@@ -45,7 +45,7 @@ EXTRA_CASES = [
 CASE_BY_NAME = {c.name: c for c in CASES + EXTRA_CASES}
 # The peer's standard settings `make bench` tries, by side name: (group_by_length, attn_implementation). The table
 # sets ours against the fastest. Under bf16 autocast on a CPU the peer's SDPA runs its flash kernel in bf16, which is
-# slow on short rows (core.attention), so its eager attention is tried too.
+# slow on short rows (core.attention), so there its eager attention is tried too (bench.__main__.peer_sides).
 PEER_SIDES = {"peer": (False, "sdpa"), "peer-grouped": (True, "sdpa"), "peer-grouped-eager": (True, "eager")}
 BATCH = 8
 MAX_LEN = 512

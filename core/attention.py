@@ -1,20 +1,24 @@
 """The attention our engine runs: PyTorch's SDPA, except where the CPU's bf16 kernel is slow.
 
 On the CPU, SDPA's fused (flash) kernel in bf16 is tuned for long sequences. On the short rows a chat dataset
-has, its backward pass is the slowest op of a training step. Measured on a 2-core AVX512-BF16 CPU with
-SmolLM2-135M's heads (9 query heads sharing 3 key/value heads, head size 64), forward + backward, in ms:
+has, its backward pass is the slowest op of a training step (30% of the bench's LoRA step). Measured on a 2-core
+AVX512-BF16 CPU with SmolLM2-135M's heads (9 query heads sharing 3 key/value heads, head size 64), causal,
+forward + backward, in ms:
 
-    rows x query = keys   SDPA    grouped matmuls
-      8 x 114             12.4      3.4
-      4 x 256             13.4      6.5
-      2 x 384             12.6     10.1
-      2 x 512             21.6     17.4
+    rows x query = keys   SDPA    _GroupedAttention
+      8 x  64              6.9      3.2
+      8 x 114             13.6      7.7
+      4 x 200             10.9     11.9
+      2 x 384             15.7     21.6
 
 (in fp32 the two are about even, so fp32 keeps SDPA.) ``attention`` therefore computes bf16/fp16 attention on
-the CPU with two batched matmuls and a softmax (accumulated in fp32, stored in bf16), up to ``SHORT_KEYS``
-keys, and leaves everything else to transformers' SDPA. It saves one (B, H, Tq, Tk) bf16 tensor per layer for
-the backward pass: at most 9 MiB a layer for a 1024-position piece (core.forward.piece_budget). The grouped form needs no copies of the shared key/value heads: the query heads of one
-key/value head are stacked as one (G·T, d) matrix against that head's keys.
+the CPU over at most ``SHORT_KEYS`` keys itself and leaves everything else to transformers' SDPA. Its numerics
+are a flash kernel's: scores and softmax in fp32, the probabilities rounded to bf16 for the product with V, and
+the backward's dP in fp32. (Scores rounded to bf16 were faster still, but a prefix-tuning run diverged with them:
+a trained prefix's keys grow, and bf16 scores then lose the attention pattern.) It keeps one (B, H, Tq, Tk) bf16
+tensor per layer for the backward pass: at most 2.8 MiB a layer for a 1024-position piece
+(core.forward.piece_budget). The query heads that share a key/value head are stacked as one (G·Tq, d) matrix
+against that head's keys, so the shared heads are never copied.
 
 ``use(model)`` switches a loaded transformers model to it; the masks it gets are SDPA's (boolean, or None for
 plain causal attention), so both paths see the same inputs and give the same result.
@@ -29,30 +33,60 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "peft_studio"  # the attn_implementation name it is registered under
-SHORT_KEYS = 512  # the longest key length computed by the grouped matmuls (still 1.2x faster at 512)
+SHORT_KEYS = 160  # the longest key length computed by the grouped matmuls (SDPA is as fast from ~200)
 
 
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
               dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention signature: query (B, H, Tq, d), key/value (B, KV, Tk, d) -> ((B, Tq, H, d), None)."""
-    if not _short_cpu(module, query, key, attention_mask, kwargs):
+    if dropout > 0.0 or not _short_cpu(module, query, key, attention_mask, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     b, h, tq, d = query.shape
-    kv, tk = key.shape[1], key.shape[2]
-    g = h // kv
-    scale = d**-0.5 if scaling is None else scaling
-    # the G query heads of key/value head j are heads j·G .. j·G+G-1: one (G·Tq, d) matrix against its keys
-    scores = torch.matmul((query * scale).reshape(b, kv, g * tq, d), key.transpose(-1, -2)).view(b, kv, g, tq, tk)
     if attention_mask is None:  # plain causal attention over as many keys as queries (_short_cpu checks)
-        attention_mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril()[None, None]
-    # the lowest finite value, not -inf: a query whose keys are all masked (left padding) gets no NaN
-    scores.masked_fill_(~attention_mask[:, :, None], torch.finfo(scores.dtype).min)  # the matmul's backward needs
-    probs = torch.softmax(scores, dim=-1)  # neither scores nor its output; the CPU kernel sums in fp32
-    if dropout > 0.0:
-        probs = nn.functional.dropout(probs, p=dropout, training=True)
-    out = torch.matmul(probs.view(b, kv, g * tq, tk), value).view(b, h, tq, d)
+        attention_mask = torch.ones(tq, tq, dtype=torch.bool, device=query.device).tril()[None, None]
+    # a prefix's keys may come in fp32 (a trained prompt cache): computed in the query's dtype, as autocast would
+    out = _GroupedAttention.apply(query, key.to(query.dtype), value.to(query.dtype), attention_mask,
+                                  d**-0.5 if scaling is None else scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+class _GroupedAttention(torch.autograd.Function):
+    """softmax(q·kᵀ·scale + mask)·v for one (G·Tq, d) block of queries per key/value head.
+
+    The scores and their softmax are fp32 (as in a flash kernel: bf16 scores lose the attention pattern once keys
+    grow large, as a trained prefix's do); the probabilities are kept in bf16, the one (B, H, Tq, Tk) tensor saved
+    for the backward, which computes dS = P ⊙ (dP − Σ dP ⊙ P) from them in fp32."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        b, h, tq, d = q.shape
+        kv, tk = k.shape[1], k.shape[2]
+        g = h // kv
+        qg = q.reshape(b, kv, g * tq, d)  # the G query heads of key/value head j are heads j·G .. j·G+G-1
+        with torch.autocast(q.device.type, enabled=False):  # fp32 matmuls stay fp32 under the run's autocast
+            scores = torch.matmul(qg.float().mul_(scale), k.float().transpose(-1, -2)).view(b, kv, g, tq, tk)
+            # the lowest finite value, not -inf: a query whose keys are all masked (left padding) gets no NaN
+            scores.masked_fill_(~mask[:, :, None], torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, kv, g * tq, tk)
+            out = torch.matmul(probs, v)
+        ctx.save_for_backward(qg, k, v, probs, out)
+        ctx.scale = scale
+        return out.view(b, h, tq, d)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        qg, k, v, probs, out = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            go = grad_out.reshape(out.shape).to(v.dtype)
+            grad_v = torch.matmul(probs.transpose(-1, -2), go)
+            # dS = P ⊙ (dP − Σ_j P·dP), and Σ_j P_ij·dP_ij = dO_i · O_i (dP = dO·Vᵀ, O = P·V): no (Tq, Tk) product
+            grad_s = torch.matmul(go.float(), v.float().transpose(-1, -2))
+            grad_s.sub_((go.float() * out.float()).sum(-1, keepdim=True)).mul_(probs).mul_(ctx.scale)
+            grad_s = grad_s.to(qg.dtype)
+            grad_q = torch.matmul(grad_s, k).view(grad_out.shape)
+            grad_k = torch.matmul(grad_s.transpose(-1, -2), qg)
+        return grad_q, grad_k, grad_v, None, None
 
 
 def grouped(device: torch.device, dtype: torch.dtype, keys: int) -> bool:

@@ -6,6 +6,8 @@ and the chat model are shared by every session. Per-session form state lives in 
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,17 @@ class StudioContext:
         ctx.uploads_dir.mkdir(exist_ok=True)
         ctx.exports_dir.mkdir(exist_ok=True)
         return ctx
+
+    def browser_secret(self) -> str:
+        """The key the page's browser-kept values (gr.BrowserState) are encrypted with, made once per data folder
+        and kept in it, so what a browser remembers still opens after the studio restarts."""
+        path = inside(self.data_dir, "browser_secret")
+        if not path.is_file():
+            part = path.with_name(f".{path.name}.{os.getpid()}.part")
+            part.write_text(secrets.token_urlsafe(24), encoding="utf-8")
+            part.chmod(0o600)
+            os.replace(part, path)  # two studios starting at once: the last one's key stands
+        return path.read_text(encoding="utf-8").strip()
 
     @property
     def uploads_dir(self) -> Path:

@@ -205,6 +205,6 @@ LANG_SWITCH_JS = """
 () => {
   const next = document.documentElement.lang.startsWith('zh') ? 'en' : 'zh';
   document.cookie = '%s=' + next + '; path=/; max-age=31536000; SameSite=Lax';
-  location.reload();
+  setTimeout(() => location.reload(), 300);  // after the page has stored what it keeps (gr.BrowserState)
 }
 """ % COOKIE

@@ -13,6 +13,7 @@ with one sentence.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,21 @@ def top_runs(ctx, sweep_id: str, n: int = 2) -> list[str]:
 
 
 def dataset_choices(ctx) -> list[tuple[str, str]]:
-    """(label, path) of the datasets an experiment may use: the bundled samples and the uploads."""
+    """(label, path) of the datasets an experiment may use: the bundled samples and the uploads, newest first.
+    Uploads of one name with different contents are told apart by their upload time and content hash."""
     out = [(f"sample · {name}", str(p)) for name, p in ctx.samples().items()]
-    uploads = sorted(Path(ctx.uploads_dir).glob("*"), key=lambda p: -p.stat().st_mtime)
-    return out + [(f"upload · {shown_name(p)}", str(p)) for p in uploads if p.is_file() and p.suffix in EXTENSIONS]
+    uploads = sorted((p for p in Path(ctx.uploads_dir).glob("*") if p.is_file() and p.suffix in EXTENSIONS),
+                     key=lambda p: -p.stat().st_mtime)
+    names = Counter(shown_name(p) for p in uploads)
+
+    def label(p: Path) -> str:
+        name = shown_name(p)
+        if names[name] == 1:
+            return f"upload · {name}"
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(p.stat().st_mtime))
+        return f"upload · {name} ({when}, {p.name[:6]})"  # store_upload names a file <content hash>-<name>
+
+    return out + [(label(p), str(p)) for p in uploads]
 
 
 # The leaderboard as the Experiment tab shows it: (header, core.leaderboard column); headers are the report's.

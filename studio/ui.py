@@ -59,8 +59,12 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             "model": model,
             "dataset": gr.State(None),
             "monitor_run": gr.State(None),  # the run this session started last; the Monitor follows it
+            # the Train form as the language switch left it, read back once by the reloaded page (made here, outside
+            # the tabs: a browser state in a tab not yet opened is not read when the page loads)
+            "kept_form": gr.BrowserState(None, storage_key="peft-studio-train-form", secret=ctx.browser_secret()),
             "apis": [],  # (fn, api_name) of API-only endpoints, registered after the tabs
             "on_load": [],  # (fn, inputs, outputs) run when a page loads: its language's texts, its dataset
+            "on_switch": [],  # (fn, outputs, event kwargs) run before the language switch reloads the page
         }
         with gr.Tabs(selected="data") as tabs:
             shared["tabs"] = tabs
@@ -77,7 +81,10 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             gr.api(fn, api_name=name)
         for fn, inputs, outputs in shared["on_load"]:
             demo.load(fn, inputs, outputs, api_visibility="private")
-        switch.click(None, js=LANG_SWITCH_JS)
+        event = None  # what the tabs keep first (in the browser), then the reload in the other language
+        for fn, outputs, kwargs in shared["on_switch"]:
+            event = (event.then if event else switch.click)(fn, None, outputs, api_visibility="private", **kwargs)
+        (event.then if event else switch.click)(None, js=LANG_SWITCH_JS)
         # A (re)loaded page re-attaches to the running job: the Monitor shows it at once.
         demo.load(lambda: gr.update(choices=run_choices(ctx), value=default_run(ctx)), None,
                   shared["monitor_tab"]["run"], api_visibility="private")

@@ -2,6 +2,7 @@
 and the other things the tabs do (datasets, advisor, runs, chat, export), on the tiny model of conftest.py."""
 
 import json
+import os
 import sys
 import time
 from itertools import product
@@ -111,6 +112,15 @@ def test_datasets_sample_upload_and_refusals(ctx, tmp_path):
     actions.upload_dataset(ctx, str(good), max_len=64)
     uploads = [label for label, _ in sweeps.dataset_choices(ctx) if label.startswith("upload")]
     assert uploads == ["upload · mine.jsonl"] and len(list(ctx.uploads_dir.iterdir())) == 1
+    # another file under the same name is a second upload, and the list tells the two apart
+    other = tmp_path / "other" / "mine.jsonl"
+    other.parent.mkdir()
+    other.write_text('{"text": "another row"}\n{"text": "and one more"}\n', encoding="utf-8")
+    up2 = actions.upload_dataset(ctx, str(other), max_len=64)
+    choices = {path: label for label, path in sweeps.dataset_choices(ctx) if label.startswith("upload")}
+    assert set(choices) == {up["path"], up2["path"]} and len(set(choices.values())) == 2
+    assert all(label.startswith("upload · mine.jsonl (") for label in choices.values())
+    os.remove(up2["path"])
     # a reloaded page reads its dataset again by the stored path; no other path is read
     again = actions.reopen_dataset(ctx, up["path"], max_len=64)
     assert (again["name"], again["valid_rows"], again["path"]) == ("mine.jsonl", 2, up["path"])

@@ -25,10 +25,10 @@ class Module(nn.Module):
         self.is_causal = True
 
 
-def qkv(b: int, h: int, kv: int, tq: int, tk: int, dtype=torch.bfloat16, seed: int = 0):
+def qkv(b: int, h: int, kv: int, tq: int, tk: int, dtype=torch.bfloat16, seed: int = 0, key_scale: float = 1.0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda heads, t: torch.randn(b, heads, t, 16, generator=g).to(dtype).requires_grad_()  # noqa: E731
-    return make(h, tq), make(kv, tk), make(kv, tk)
+    make = lambda heads, t, s=1.0: (torch.randn(b, heads, t, 16, generator=g) * s).to(dtype).requires_grad_()  # noqa: E731
+    return make(h, tq), make(kv, tk, key_scale), make(kv, tk)
 
 
 def causal_mask(b: int, tq: int, tk: int, lengths: list[int] | None = None, left: bool = False) -> torch.Tensor:
@@ -55,20 +55,22 @@ def reference(q, k, v, mask):
     return out.transpose(1, 2), q64, k64, v64
 
 
-CASES = {
-    "causal, GQA": (2, 4, 2, 12, 12, None),
-    "causal, one head per key": (2, 3, 3, 12, 12, None),
-    "right padding": (3, 4, 2, 12, 12, [12, 7, 3]),
-    "after a shared prefix": (3, 4, 2, 9, 14, [14, 10, 12]),  # the rows' keys start with 5 prefix positions
+CASES = {  # (rows, query heads, key/value heads, queries, keys, real tokens a row or None, key scale)
+    "causal, GQA": (2, 4, 2, 12, 12, None, 1.0),
+    "causal, one head per key": (2, 3, 3, 12, 12, None, 1.0),
+    "right padding": (3, 4, 2, 12, 12, [12, 7, 3], 1.0),
+    "after a shared prefix": (3, 4, 2, 9, 14, [14, 10, 12], 1.0),  # the rows' keys start with 5 prefix positions
+    # scores of ~±40, as a trained prefix's keys give: scores rounded to bf16 (±0.25 there) miss the reference
+    "large scores": (2, 4, 2, 12, 12, None, 40.0),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_short_bf16_attention_equals_the_fp64_reference_like_sdpa(case):
-    b, h, kv, tq, tk, lengths = CASES[case]
+    b, h, kv, tq, tk, lengths, key_scale = CASES[case]
     mask = None if lengths is None else causal_mask(b, tq, tk, lengths)
     module = Module(h // kv)
-    q, k, v = qkv(b, h, kv, tq, tk)
+    q, k, v = qkv(b, h, kv, tq, tk, key_scale=key_scale)
     assert attention._short_cpu(module, q, k, mask, {})  # this call runs the grouped matmuls
     out, weights = attention.attention(module, q, k, v, mask, scaling=16**-0.5)
     assert weights is None and out.shape == (b, tq, h, 16) and out.dtype == torch.bfloat16

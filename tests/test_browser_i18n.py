@@ -165,10 +165,18 @@ def test_the_switch_changes_the_language_and_survives_a_reload(browser, studio):
     page.get_by_role("tab", name="训练").wait_for(timeout=10_000)
     page.locator("#ps-use-sample").click()  # the loaded dataset survives the switch's reload
     page.locator("#ps-data-status").get_by_text("identity_sample.json").wait_for(timeout=60_000)
+    tab(page, "训练")  # and so does what the user typed in the Train form
+    page.locator("#ps-train-lr input").fill("0.0123")
+    page.locator("#ps-train-max_steps input").fill("7")
+    page.locator("#ps-train-lr input").press("Tab")
     page.locator("#ps-lang").click()  # shows "English" on a Chinese page
     page.get_by_role("tab", name="Train").wait_for(timeout=30_000)
     page.locator("#ps-data-status").get_by_text("identity_sample.json").wait_for(timeout=60_000)
     assert "detected format" in page.locator("#ps-data-status").inner_text()  # read again, in English
+    tab(page, "Train")
+    assert page.locator("#ps-train-lr input").input_value() == "0.0123"
+    assert page.locator("#ps-train-max_steps input").input_value() == "7"
+    tab(page, "Data")
     for name in TABS_EN:
         page.get_by_role("tab", name=name).wait_for(timeout=10_000)
     page.reload()

@@ -611,3 +611,23 @@ def test_auth_required_on_every_route(tmp_path, tiny_model_dir):
     finally:
         demo.close()
         ctx.close()
+
+
+def test_what_the_browser_remembers_opens_after_a_restart(tmp_path, tiny_model_dir):
+    """The page keeps the loaded dataset in the browser (gr.BrowserState), encrypted; the key is kept in the data
+    folder, so a restarted studio on the same folder reads it again, and another folder's studio cannot."""
+    import gradio as gr
+
+    def secret(data_dir) -> str:
+        ctx = StudioContext.create(data_dir, default_model=tiny_model_dir, start_jobs=False)
+        try:
+            states = [b for b in build_app(ctx).blocks.values() if isinstance(b, gr.BrowserState)]
+        finally:
+            ctx.close()
+        assert states
+        return states[0].secret
+
+    first = secret(tmp_path / "data")
+    assert secret(tmp_path / "data") == first  # the same folder after a restart
+    assert secret(tmp_path / "other") != first
+    assert (tmp_path / "data" / "browser_secret").stat().st_mode & 0o777 == 0o600

@@ -126,7 +126,8 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)  # (..., out)
         if not self.enabled or self.merged:
             return y
-        h = self.dropout(x.to(self.lora_A.weight.dtype))
+        # under autocast the linears cast x themselves (to the same values): no fp32 copy of x to cast back
+        h = self.dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
         return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
 
     @torch.no_grad()

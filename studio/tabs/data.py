@@ -86,8 +86,9 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
                 hist = gr.Plot(None, label=T("data.hist"), elem_id="ps-hist")
         # Inside the tab: a component made directly under gr.Tabs shifts the tab labels after it.
         source = gr.State(None)  # the file or sample loaded last, accepted or not, and the settings it was read with
-        # the dataset accepted last, kept in the browser: a reload (the language switch) reads it again
-        remembered = gr.BrowserState(None, storage_key="peft-studio-dataset")
+        # the dataset accepted last, kept in the browser: a reload (the language switch) or a restarted studio
+        # reads it again
+        remembered = gr.BrowserState(None, storage_key="peft-studio-dataset", secret=ctx.browser_secret())
 
     dataset = shared["dataset"]
     outputs = [dataset, status, issues, preview, hist, index]

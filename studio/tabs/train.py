@@ -72,7 +72,7 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         # Inside the tab: a component made directly under gr.Tabs shifts the tab labels after it.
         suggested = gr.State(None)  # the last first-run suggestion put into the form (studio.first_run)
 
-    dataset, model = shared["dataset"], shared["model"]
+    dataset, model, kept = shared["dataset"], shared["model"], shared["kept_form"]
     data_w = shared["data_tab"]
     form: dict[str, gr.Component] = {
         "name": name, "method": method, "model": model, "train.max_len": data_w["max_len"],
@@ -178,5 +178,24 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
     apply_outputs = [method, *columns.values(), blurb, *train_widgets.values(), *knobs.values()]
     apply.click(user_error(on_apply), advice_state, apply_outputs, api_name="apply_advice").then(
         on_check, None, estimate, api_visibility="private", **form_inputs)
+    # The language switch reloads the page: the form goes with it, in the browser, and the new page puts it back.
+    # The data tab keeps its own fields (max_len, the column mapping) with the dataset.
+    not_kept = ("data.path", "model", "train.max_len", "data.fields")
+
+    def keep(first_run_state, **data) -> dict:
+        return {"values": {k: v for k, v in values(data).items() if k not in not_kept}, "suggested": first_run_state}
+
+    def put_back(saved) -> dict:
+        vals = saved.get("values") if isinstance(saved, dict) else None
+        if not isinstance(vals, dict) or vals.get("method") not in actions.BY_KEY:
+            return {kept: gr.skip()}
+        out = {**shown(vals["method"]), **{form[k]: v for k, v in vals.items() if k in form and k not in not_kept}}
+        # once: a later reload starts afresh ({}, as the browser does not store an empty value)
+        return {**out, suggested: saved.get("suggested"), kept: {}}
+
+    shared["on_switch"].append((keep, kept, {"inputs_kwargs": {**form_inputs["inputs_kwargs"],
+                                                                "first_run_state": suggested}}))
+    put_back_outputs = dict.fromkeys([kept, suggested, *entry_outputs, *(c for k, c in form.items() if k not in not_kept)])
+    shared["on_load"].append((put_back, [kept], list(put_back_outputs)))
     return {"name": name, "method": method, "estimate": estimate, "start": start, "stop": stop, "status": status,
             "rows": rows, "check": check, "apply": apply, "form": form, **train_widgets}
