@@ -84,11 +84,18 @@ class StudioContext:
         """The key the page's browser-kept values (gr.BrowserState) are encrypted with, made once per data folder
         and kept in it, so what a browser remembers still opens after the studio restarts."""
         path = inside(self.data_dir, "browser_secret")
-        if not path.is_file():
+        if not path.is_file() or not path.read_text(encoding="utf-8").strip():
             part = path.with_name(f".{path.name}.{os.getpid()}.part")
-            part.write_text(secrets.token_urlsafe(24), encoding="utf-8")
-            part.chmod(0o600)
-            os.replace(part, path)  # two studios starting at once: the last one's key stands
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(secrets.token_urlsafe(24))
+            try:
+                os.link(part, path)  # whole or not at all; two studios starting at once: the first key stands
+            except FileExistsError:
+                if not path.read_text(encoding="utf-8").strip():  # an empty key left by an older version
+                    os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)
         return path.read_text(encoding="utf-8").strip()
 
     @property

@@ -92,6 +92,18 @@ def test_short_bf16_attention_equals_the_fp64_reference_like_sdpa(case):
         assert (mine.double() - theirs).abs().max() < 0.05 * max(1.0, theirs.abs().max().item())
 
 
+def test_under_the_runs_autocast_the_scores_stay_fp32():
+    """Training runs under bf16 autocast, which would turn the fp32 score matmul back into bf16; with the large
+    scores of a trained prefix that loses the attention pattern. Keys in fp32 (a prefix cache) are taken too."""
+    b, h, kv, t = 2, 4, 2, 12
+    q, k, v = qkv(b, h, kv, t, t, key_scale=40.0)
+    ref = reference(q, k, v, None)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention.attention(Module(2), q, k.detach().float(), v, None)[0]
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() < 0.02
+
+
 def test_a_query_whose_keys_are_all_masked_gets_no_nan():
     """Left padding (batched generation): the padded queries of a row see no key at all."""
     b, h, kv, t = 2, 4, 2, 10
@@ -126,24 +138,40 @@ def test_softcap_and_a_sliding_window_go_to_sdpa():
 
 
 @pytest.mark.parametrize("layout", list(TINY_MODELS))
-def test_a_bf16_model_with_padding_gives_sdpa_logits(layout):
+def test_a_bf16_model_with_padding_gives_sdpa_logits(layout, monkeypatch):
     model = TINY_MODELS[layout]().to(torch.bfloat16)
     ids, mask = batch(b=3, t=12)
+    calls = []
+    monkeypatch.setattr(attention._GroupedAttention, "apply", spy(attention._GroupedAttention.apply, calls))
     with torch.no_grad():
         sdpa = model(input_ids=ids, attention_mask=mask).logits.float()
+        assert not calls
         attention.use(model)
         assert model.config._attn_implementation == attention.NAME
         ours = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert len(calls) == model.config.num_hidden_layers  # every layer ran the grouped matmuls
     real = mask.bool()[..., None]
     assert ((ours - sdpa).abs() * real).max() < 0.05 * sdpa.abs().max()
 
 
-def test_training_switches_the_model_and_saved_configs_do_not_name_it(tmp_path):
-    """A model passed to train() runs our attention, and a saved model folder stays loadable by any
-    transformers (its config.json does not name an implementation only this process registered)."""
+def spy(fn, calls: list):
+    def wrapped(*args):
+        calls.append(args[0].shape)
+        return fn(*args)
+    return wrapped
+
+
+def test_training_switches_the_model_and_saved_configs_do_not_name_it(tmp_path, monkeypatch):
+    """A model passed to train() runs our attention (under bf16-mixed, forward and backward), and a saved model
+    folder stays loadable by any transformers (its config.json does not name an implementation only this process
+    registered)."""
     model = tiny_lm()
     assert model.config._attn_implementation == "sdpa"
-    run(run_config(write_qa(tmp_path / "qa.json", n=4), max_steps=1), tmp_path / "run", model=model)
+    calls = []
+    monkeypatch.setattr(attention._GroupedAttention, "apply", spy(attention._GroupedAttention.apply, calls))
+    events = run(run_config(write_qa(tmp_path / "qa.json", n=4), max_steps=1, precision="bf16-mixed"),
+                 tmp_path / "run", model=model)
+    assert events[-1]["status"] == "completed" and calls
     assert model.config._attn_implementation == attention.NAME
     tiny = tiny_llama()
     attention.use(tiny)

@@ -631,3 +631,16 @@ def test_what_the_browser_remembers_opens_after_a_restart(tmp_path, tiny_model_d
     assert secret(tmp_path / "data") == first  # the same folder after a restart
     assert secret(tmp_path / "other") != first
     assert (tmp_path / "data" / "browser_secret").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("value, default, fits", [
+    (0.0123, 2e-4, True), (7, 100, True), (True, 2e-4, False), ("0.01", 2e-4, False), (float("nan"), 1.0, False),
+    (False, True, True), (1, True, False), ("q_proj, v_proj", ["q_proj"], True), (["q_proj"], ["all-linear"], True),
+    ([1, 2], ["q_proj"], False), ("instruction=q", {}, True), ("auto", "fp32", True), (3, None, True),
+])
+def test_the_train_form_puts_back_only_values_that_fit_their_field(value, default, fits):
+    """The Train form kept across the language switch by another version of the studio: a value of the wrong kind
+    is dropped (the field keeps its default) instead of failing the page's load."""
+    from studio.tabs.train import same_kind
+
+    assert same_kind(value, default) is fits

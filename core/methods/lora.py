@@ -126,8 +126,10 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)  # (..., out)
         if not self.enabled or self.merged:
             return y
-        # under autocast the linears cast x themselves (to the same values): no fp32 copy of x to cast back
-        h = self.dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
+        # under autocast the linears cast x themselves (to the same values): no fp32 copy of x to cast back; dropout
+        # still draws and scales in fp32, as without autocast
+        cast = not torch.is_autocast_enabled(x.device.type) or not isinstance(self.dropout, nn.Identity)
+        h = self.dropout(x.to(self.lora_A.weight.dtype) if cast else x)
         return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
 
     @torch.no_grad()

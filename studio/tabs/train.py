@@ -8,6 +8,7 @@ studio.actions; they answer with a dict keyed by component, so a handler only na
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gradio as gr
@@ -22,6 +23,21 @@ from ..format import esc, user_error
 from ..i18n import T, goal_key, hardware_key, lang, method_key, t
 from ..knobs import entry_widgets, widget
 from ..messages import localize
+
+
+def same_kind(value: Any, default: Any) -> bool:
+    """Whether ``value`` can go into a field whose fresh value is ``default``: a number for a number (not a bool),
+    a bool for a bool, text for text, text or a list of text for a list or mapping (studio.knobs shows them as a
+    text box or a multiselect); anything for a field without a default."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(default, (list, dict)):
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str) for x in value))
+    return isinstance(value, type(default))
 
 
 def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
@@ -186,12 +202,17 @@ def create_train_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         return {"values": {k: v for k, v in values(data).items() if k not in not_kept}, "suggested": first_run_state}
 
     def put_back(saved) -> dict:
+        """Once: a later reload starts afresh ({} clears it; the browser does not store an empty value). A value
+        that no longer fits its field (kept by another version of the studio) keeps the field's default."""
+        if not saved:
+            return {kept: gr.skip()}
         vals = saved.get("values") if isinstance(saved, dict) else None
         if not isinstance(vals, dict) or vals.get("method") not in actions.BY_KEY:
-            return {kept: gr.skip()}
-        out = {**shown(vals["method"]), **{form[k]: v for k, v in vals.items() if k in form and k not in not_kept}}
-        # once: a later reload starts afresh ({}, as the browser does not store an empty value)
-        return {**out, suggested: saved.get("suggested"), kept: {}}
+            return {kept: {}}
+        defaults = actions.form_defaults()
+        fits = {k: v for k, v in vals.items() if k in form and k not in not_kept and same_kind(v, defaults.get(k))}
+        return {**shown(vals["method"]), **{form[k]: v for k, v in fits.items()}, suggested: saved.get("suggested"),
+                kept: {}}
 
     shared["on_switch"].append((keep, kept, {"inputs_kwargs": {**form_inputs["inputs_kwargs"],
                                                                 "first_run_state": suggested}}))
