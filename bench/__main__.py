@@ -1,8 +1,8 @@
 """`make bench [QUICK=1]`: every case, ours vs transformers.Trainer + peft, each side in its own process.
 
-Ours runs with the settings a user gets (log_every 1, precision auto). The peer runs three times (common.PEER_SIDES):
-on our batches, with its own group_by_length, and with group_by_length and transformers' eager attention; the
-table compares ours with the fastest. Writes bench/results.json and
+Ours runs with the settings a user gets (log_every 1, precision auto). The peer runs on our batches and with its own
+group_by_length, and where it trains bf16 on a CPU also with group_by_length and transformers' eager attention
+(common.PEER_SIDES, peer_sides); the table compares ours with the fastest. Writes bench/results.json and
 prints the token-length histogram of the data, a markdown table of the training cases, one of chat generation
 (bench/generation.py, which fails unless greedy tokens are identical) and one of a training step while the studio
 chats (bench/contention.py). The machine line lists the CPU's vector and matrix flags (AVX2, AVX-512, AMX).

@@ -39,7 +39,7 @@ SHORT_KEYS = 160  # the longest key length computed by the grouped matmuls (SDPA
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
               dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention signature: query (B, H, Tq, d), key/value (B, KV, Tk, d) -> ((B, Tq, H, d), None)."""
-    if dropout > 0.0 or not _short_cpu(module, query, key, attention_mask, kwargs):
+    if not _short_cpu(module, query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     b, h, tq, d = query.shape
@@ -95,11 +95,12 @@ def grouped(device: torch.device, dtype: torch.dtype, keys: int) -> bool:
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and keys <= SHORT_KEYS
 
 
-def _short_cpu(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kwargs: dict) -> bool:
+def _short_cpu(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, dropout: float,
+               kwargs: dict) -> bool:
     """Whether ``attention`` computes this call itself (else SDPA does): short half-precision attention on the
-    CPU (``grouped``), causal with a boolean mask or none, and nothing the grouped form does not do (softcap,
-    sliding window, a position bias, returned weights)."""
-    if not grouped(query.device, query.dtype, key.shape[2]):
+    CPU (``grouped``), causal with a boolean mask or none, and nothing the grouped form does not do (dropout,
+    softcap, sliding window, a position bias, returned weights)."""
+    if not grouped(query.device, query.dtype, key.shape[2]) or dropout > 0.0:
         return False
     if any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "position_bias")):
         return False

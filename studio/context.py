@@ -6,6 +6,7 @@ and the chat model are shared by every session. Per-session form state lives in 
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import threading
@@ -80,6 +81,7 @@ class StudioContext:
         ctx.exports_dir.mkdir(exist_ok=True)
         return ctx
 
+    @functools.cached_property
     def browser_secret(self) -> str:
         """The key the page's browser-kept values (gr.BrowserState) are encrypted with, made once per data folder
         and kept in it, so what a browser remembers still opens after the studio restarts."""

@@ -47,10 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from core import attention
 from core.config import DataConfig, MethodConfig, TrainConfig
 from core.data.batching import val_size
 from core.dist import DistInfo, strategy
-from core import attention
 from core.blocks import find_blocks
 from core.events import duration
 from core.forward import CE_CHUNK, piece_budget

@@ -61,7 +61,7 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             "monitor_run": gr.State(None),  # the run this session started last; the Monitor follows it
             # the Train form as the language switch left it, read back once by the reloaded page (made here, outside
             # the tabs: a browser state in a tab not yet opened is not read when the page loads)
-            "kept_form": gr.BrowserState(None, storage_key="peft-studio-train-form", secret=ctx.browser_secret()),
+            "kept_form": gr.BrowserState(None, storage_key="peft-studio-train-form", secret=ctx.browser_secret),
             "apis": [],  # (fn, api_name) of API-only endpoints, registered after the tabs
             "on_load": [],  # (fn, inputs, outputs) run when a page loads: its language's texts, its dataset
             "on_switch": [],  # (fn, outputs, event kwargs) run before the language switch reloads the page

@@ -71,7 +71,7 @@ def test_short_bf16_attention_equals_the_fp64_reference_like_sdpa(case):
     mask = None if lengths is None else causal_mask(b, tq, tk, lengths)
     module = Module(h // kv)
     q, k, v = qkv(b, h, kv, tq, tk, key_scale=key_scale)
-    assert attention._short_cpu(module, q, k, mask, {})  # this call runs the grouped matmuls
+    assert attention._short_cpu(module, q, k, mask, 0.0, {})  # this call runs the grouped matmuls
     out, weights = attention.attention(module, q, k, v, mask, scaling=16**-0.5)
     assert weights is None and out.shape == (b, tq, h, 16) and out.dtype == torch.bfloat16
     ref, q64, k64, v64 = reference(q, k, v, mask)
@@ -125,16 +125,17 @@ def test_everything_else_is_sdpa_unchanged(why, b, tq, tk, dtype):
     module = Module(2)
     q, k, v = qkv(b, 4, 2, tq, tk, dtype=dtype)
     mask = causal_mask(b, tq, tk)
-    assert not attention._short_cpu(module, q, k, mask, {})
+    assert not attention._short_cpu(module, q, k, mask, 0.0, {})
     ours = attention.attention(module, q, k, v, mask)[0]
     assert torch.equal(ours, sdpa_attention_forward(module, q, k, v, mask)[0])
 
 
-def test_softcap_and_a_sliding_window_go_to_sdpa():
+def test_softcap_a_sliding_window_and_dropout_go_to_sdpa():
     module = Module(2)
     q, k, v = qkv(1, 4, 2, 8, 8)
-    assert not attention._short_cpu(module, q, k, None, {"sliding_window": 4})
-    assert not attention._short_cpu(module, q, k, None, {"softcap": 30.0})
+    assert not attention._short_cpu(module, q, k, None, 0.0, {"sliding_window": 4})
+    assert not attention._short_cpu(module, q, k, None, 0.0, {"softcap": 30.0})
+    assert not attention._short_cpu(module, q, k, None, 0.1, {})  # attention dropout: SDPA draws it
 
 
 @pytest.mark.parametrize("layout", list(TINY_MODELS))

@@ -88,7 +88,7 @@ def create_data_tab(ctx, shared: dict[str, Any]) -> dict[str, gr.Component]:
         source = gr.State(None)  # the file or sample loaded last, accepted or not, and the settings it was read with
         # the dataset accepted last, kept in the browser: a reload (the language switch) or a restarted studio
         # reads it again
-        remembered = gr.BrowserState(None, storage_key="peft-studio-dataset", secret=ctx.browser_secret())
+        remembered = gr.BrowserState(None, storage_key="peft-studio-dataset", secret=ctx.browser_secret)
 
     dataset = shared["dataset"]
     outputs = [dataset, status, issues, preview, hist, index]
