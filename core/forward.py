@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from .linear import linear
 from .methods.base import Method
 from .methods.virtual_tokens import cache_kwarg, output_cache
 
@@ -102,7 +103,7 @@ def head_cross_entropy(head: nn.Module, h: Tensor, targets: Tensor, chunk: int =
         return _FusedHeadCE.apply(h, head.weight, head.bias, targets, chunk)
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
-        z = F.linear(h[s : s + chunk], head.weight, head.bias).float()
+        z = linear(h[s : s + chunk], head.weight, head.bias).float()
         total = total + F.cross_entropy(z, targets[s : s + chunk], reduction="sum")
     return total
 
@@ -124,7 +125,7 @@ class _FusedHeadCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            z = F.linear(hc, weight, bias).float()  # (c, V): the one block of logits, worked on in place
+            z = linear(hc, weight, bias).float()  # (c, V): the one block of logits, worked on in place
             z.sub_(z.amax(dim=-1, keepdim=True))  # shifted: exp cannot overflow
             picked = z.gather(1, tc[:, None]).squeeze(1)
             sums = z.exp_().sum(dim=-1)
@@ -132,9 +133,9 @@ class _FusedHeadCE(torch.autograd.Function):
             g = z.div_(sums[:, None])  # softmax (torch.logsumexp would allocate a second (c, V) block)
             g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
             if need_h:
-                grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[s : s + chunk] = linear(g.to(weight.dtype), weight.t()).to(h.dtype)
             if need_w:
-                grad_w += g.T @ hc.float()
+                grad_w += linear(g.T, hc.float().T)
             if need_b:
                 grad_b += g.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import attention
+from . import attention, linear
 from .config import DEFAULT_MODEL
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -229,6 +229,7 @@ def load_model(
     except Exception as e:  # noqa: BLE001
         raise ModelNotFoundError(_not_found_sentence(name, e)) from None
     attention.use(model)
+    linear.use(model)
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import attention, dist
+from . import attention, dist, linear
 from .blocks import depth_label, depth_map, find_blocks
 from .checkpoint import (
     checkpoint_step,
@@ -313,6 +313,7 @@ def _setup(session: Session, resume: bool, model: nn.Module | None, tokenizer) -
     torch.manual_seed(tc.seed)  # the method's init does not depend on what loading drew from the RNG
     method = build_method(cfg.method, tokenizer=tokenizer)
     method.apply(model)
+    linear.use(model)  # the base's layers (a model passed in) and those the method added
     micro_per_step = tc.grad_accum * session.world.world_size
     p.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * len(batches) / micro_per_step))
     model.eval()  # no dropout (and no RNG draws) in a method's preparation pass (FishMask's Fisher, FAR's priming)

@@ -54,6 +54,7 @@ from core.dist import DistInfo, strategy
 from core.blocks import find_blocks
 from core.events import duration
 from core.forward import CE_CHUNK, piece_budget
+from core.linear import linear
 from core.methods import spec_of
 from core.models import ModelNotFoundError, load_model_config, resolve_precision
 from core.preflight import check_train, dry_run
@@ -216,7 +217,8 @@ _rates: dict[tuple[str, str], tuple[float, float]] = {}
 
 
 def matmul_rate(device: str, precision: str, windows: int = 5, window_s: float = 0.05) -> float:
-    """FLOP/s of a SmolLM2-sized matmul (512 × 576 by 576 × 1536) on ``device`` now: the best of ``windows`` short
+    """FLOP/s of a SmolLM2-sized product (512 × 576 by 576 × 1536, through core.linear as the engine's layers run
+    it) on ``device`` now: the best of ``windows`` short
     windows, so that a thread pool warming up or a moment's load does not set the estimate (at most once per
     RATE_TTL_S per device and precision)."""
     key = (device, precision)
@@ -224,13 +226,13 @@ def matmul_rate(device: str, precision: str, windows: int = 5, window_s: float =
         return _rates[key][1]
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     a = torch.randn(512, 576, dtype=dtype, device=device)
-    b = torch.randn(576, 1536, dtype=dtype, device=device)
-    a @ b  # warm-up
+    w = torch.randn(1536, 576, dtype=dtype, device=device)
+    linear(a, w)  # warm-up
     best = 0.0
     for _ in range(windows):
         n, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < window_s:
-            a @ b
+            linear(a, w)
             if device != "cpu":
                 torch.cuda.synchronize()
             n += 1

@@ -1,0 +1,144 @@
+"""core.linear: fp32 linear layers on the CPU through oneDNN give F.linear's values and gradients (within fp32
+rounding of an fp64 reference), hand every other call to F.linear, and are what our models and training run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core import linear
+from core.forward import head_cross_entropy
+from test_train import run, run_config, tiny_lm, write_qa
+from tiny import batch
+
+pytestmark = pytest.mark.skipif(linear._OP is None, reason="this torch has no oneDNN")
+
+
+def close_to_fp64(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Within fp32 rounding of an fp64 result: 1e-5 of its largest value (bf16 would be ~1e-2)."""
+    return bool((ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max())
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The products oneDNN ran, as (rows, in, out)."""
+    seen = []
+    op = linear._OP
+
+    def spy(x, w, *rest):
+        seen.append((x.numel() // x.shape[-1], x.shape[-1], w.shape[0]))
+        return op(x, w, *rest)
+
+    monkeypatch.setattr(linear, "_OP", spy)
+    return seen
+
+
+SHAPES = {  # x shape, (out, in), bias, x transposed (strided) or not
+    "rows": ((40, 24), (16, 24), True, False),
+    "batch of rows": ((3, 7, 24), (16, 24), False, False),
+    "one row (decoding)": ((1, 1, 24), (50, 24), True, False),
+    "a vector": ((24,), (16, 24), True, False),
+    "strided input": ((24, 40), (16, 24), True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_values_and_gradients_equal_the_fp64_reference(case, calls):
+    x_shape, w_shape, with_bias, transposed = SHAPES[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=g)
+    x = (x.T if transposed else x).requires_grad_()
+    w = torch.randn(*w_shape, generator=g).requires_grad_()
+    b = torch.randn(w_shape[0], generator=g).requires_grad_() if with_bias else None
+    y = linear.linear(x, w, b)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if with_bias else None
+    y64 = F.linear(x64, w64, b64)
+    y64.backward(dy.double())
+    assert y.shape == y64.shape and y.dtype == torch.float32
+    assert close_to_fp64(y, y64)
+    assert close_to_fp64(x.grad, x64.grad) and close_to_fp64(w.grad, w64.grad)
+    if with_bias:
+        assert close_to_fp64(b.grad, b64.grad)
+    assert len(calls) == 3  # forward, dX, dW: all three through oneDNN
+
+
+def test_a_frozen_weight_gets_no_gradient_and_keeps_no_input(calls):
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(4, 8)
+    y = linear.linear(x, w)
+    assert y.grad_fn.saved_tensors[0] is None  # X is not kept when W needs no gradient
+    y.sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(5, 8))
+    assert w.grad is None and len(calls) == 2  # forward and dX only
+
+
+WHY_NOT = {
+    "bf16": lambda: (torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16)),
+    "fp64": lambda: (torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)),
+    "mixed dtypes": lambda: (torch.randn(4, 8), torch.randn(3, 8, dtype=torch.bfloat16)),
+    "no rows": lambda: (torch.randn(0, 8), torch.randn(3, 8)),
+}
+
+
+@pytest.mark.parametrize("why", list(WHY_NOT))
+def test_everything_else_is_f_linear(why, calls):
+    x, w = WHY_NOT[why]()
+    assert not linear.fast(x, w)
+    if x.dtype == w.dtype:
+        assert torch.equal(linear.linear(x, w), F.linear(x, w))
+    assert not calls
+
+
+def test_under_autocast_the_product_is_left_to_autocast(calls):
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear.linear(x, w)
+    assert y.dtype == torch.bfloat16 and not calls
+
+
+def test_use_routes_a_models_linears_and_keeps_its_modules_and_state(calls):
+    model = tiny_lm()
+    ids, mask = batch(b=2, t=10)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    keys = list(model.state_dict())
+    linear.use(model)
+    linear.use(model)  # idempotent
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    assert len(calls) == n_linear  # every nn.Linear (q, k, v, o, gate, up, down a layer, and the head) ran oneDNN
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_the_fused_head_cross_entropy_runs_onednn_and_equals_the_plain_loss(calls):
+    g = torch.Generator().manual_seed(0)
+    head = nn.Linear(16, 50, bias=True)
+    h = torch.randn(30, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (30,), generator=g)
+    loss = head_cross_entropy(head, h, t, chunk=8)
+    loss.backward()
+    assert len(calls) == 4 * 3  # 4 chunks: logits, dH, dW
+    h2 = h.detach().double().requires_grad_()
+    w2, b2 = head.weight.detach().double().requires_grad_(), head.bias.detach().double().requires_grad_()
+    ref = F.cross_entropy(F.linear(h2, w2, b2), t, reduction="sum")
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    assert close_to_fp64(h.grad, h2.grad) and close_to_fp64(head.weight.grad, w2.grad)
+
+
+def test_fp32_training_runs_its_products_through_onednn(tmp_path, calls):
+    """A model passed to train() in fp32: the base's layers and the LoRA layers the method adds run oneDNN."""
+    events = run(run_config(write_qa(tmp_path / "qa.json", n=4), max_steps=1, precision="fp32"), tmp_path / "run",
+                 model=tiny_lm())
+    assert events[-1]["status"] == "completed"
+    assert any(i == 32 and o == 4 for _, i, o in calls)  # lora_A (r=4) of the tiny model (d=32)
+    assert any(i == 32 and o == 64 for _, i, o in calls)  # an MLP projection of the base
