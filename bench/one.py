@@ -24,7 +24,9 @@ def main() -> None:
     args = ap.parse_args()
     case = CASE_BY_NAME[args.case]
     torch.manual_seed(0)
-    model, tokenizer = load_model(DEFAULT_MODEL)
+    # each side loads the model its own way: ours through core (its attention and linear kernels), the peer's
+    # through transformers alone
+    model, tokenizer = load_model(DEFAULT_MODEL) if args.side == "ours" else peer.plain_model(DEFAULT_MODEL)
     device = next(model.parameters()).device
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from core.models import resolve_precision
+from core.models import default_dtype, load_tokenizer, resolve_device, resolve_model_path, resolve_precision
 
 from .common import BATCH, SEED, Case, encode_file, our_batch_order, peak_memory_mb, supervised_tokens
 
@@ -58,6 +58,15 @@ def peft_config(case: Case, model):
         return peft.PromptEncoderConfig(num_virtual_tokens=k["num_virtual_tokens"], encoder_hidden_size=k["encoder_hidden"],
                                         encoder_reparameterization_type=k["encoder_type"].upper(), task_type="CAUSAL_LM")
     raise ValueError(f"peft has no counterpart for {case.method}")
+
+
+def plain_model(name: str):
+    """(model, tokenizer) as the peer's users load them: transformers alone, in the dtype core.models.load_model
+    picks, with none of our engine's kernels (core.attention, core.linear)."""
+    device = resolve_device("auto")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=default_dtype(device),
+                                                 attn_implementation="sdpa")
+    return model.to(device).eval().requires_grad_(False), load_tokenizer(name)
 
 
 @torch.no_grad()
@@ -112,7 +121,7 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
     import peft
 
     init = our_init(case, model)  # not timed
-    model.set_attn_implementation(attn)  # load_model gave it our engine's (core.attention)
+    model.set_attn_implementation(attn)
     t0 = time.perf_counter()
     train = encode_file(train_file, tokenizer)
     model = peft.get_peft_model(model, peft_config(case, model))
