@@ -1,45 +1,49 @@
-"""fp32 linear layers on the CPU through oneDNN, about twice as fast as torch's default on some CPUs.
+"""fp32 linear layers on AVX-512 CPUs through oneDNN, about twice as fast as torch's default there.
 
-torch runs an fp32 ``F.linear`` on the CPU with MKL's sgemm. On an AMD EPYC (Zen 5, AVX-512) MKL took its slower
-path: 190-230 GFLOP/s on 2 cores for SmolLM2's shapes, where oneDNN's JIT kernels (the ones torch already uses
-for bf16, and inductor for fp32) reached 360-490 GFLOP/s with the same fp32 results (rounding differs, ~1e-6
-relative; no bf16 anywhere). A training step is ~80% matrix products, so fp32 training and chat follow.
+torch runs an fp32 ``F.linear`` on the CPU with MKL's sgemm. On a 2-core AMD EPYC (Zen 5, AVX-512) that reached
+190-230 GFLOP/s for SmolLM2's shapes, where oneDNN's JIT kernels (the ones torch already uses for bf16, and
+inductor for fp32) reached 360-490 GFLOP/s with fp32 results (rounding differs, ~1e-6 relative; no bf16
+anywhere). A training step is ~80% matrix products, so fp32 training follows, and decoding most of all: one row
+through the 49k-wide LM head took 6.6 ms with MKL and 2.9 ms with oneDNN. With every library held to AVX2 on the
+same machine the two were even, so this runs only where torch's CPU capability is AVX-512 (``ENABLED``).
 
 ``linear`` is ``F.linear`` through oneDNN (``torch.ops.mkldnn._linear_pointwise``, which reads ordinary strided
-tensors) where ``fast`` says so, with its own backward (dX = dY·W, dW = dYᵀ·X, db = Σ dY, each through oneDNN
-too); everything else (half precision, autocast, GPUs, tensor subclasses such as FSDP's DTensor, single rows)
-goes to ``F.linear`` unchanged. Decoding gains most: one row through the 49k-wide LM head took 6.6 ms with MKL
-and 2.9 ms with oneDNN (greedy chat 26.5 -> 39 tokens/s on that CPU). ``use(model)`` routes a model's ``nn.Linear`` layers through it; the modules stay
+inputs) where ``fast`` says so, with its own backward (dX = dY·W, dW = dYᵀ·X, db = Σ dY, the products through
+oneDNN too); everything else (half precision, autocast, GPUs, tensor subclasses, odd shapes) goes to
+``F.linear`` unchanged. ``use(model)`` routes a model's ``nn.Linear`` layers through it; the modules stay
 ``nn.Linear`` with the same parameters and state dict.
 """
 
 from __future__ import annotations
 
-from types import MethodType
-
 import math
 import os
+from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
-# oneDNN keeps every product's shape it has compiled (1024 by default). Rows of varying lengths make hundreds of
-# them, and with them ~300 MB of a LoRA run's peak on SmolLM2; 64 kept the same speed (read at its first product).
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+ENABLED = _OP is not None and torch.backends.cpu.get_cpu_capability() == "AVX512"
 _PLAIN = (Tensor, nn.Parameter)
+# oneDNN keeps every product shape it has compiled (1024 by default). Rows of varying lengths make hundreds of
+# them, and with them ~300 MB of a LoRA run's peak on SmolLM2; 64 kept the same speed. Read at its first product,
+# so ``use`` sets it (unless the user did), in our processes only.
+CACHE_CAPACITY = "64"
 
 
-def fast(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``linear`` sends this product to oneDNN: fp32 on the CPU outside autocast, plain tensors, not empty."""
+def fast(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether ``linear`` sends this product to oneDNN: fp32 on the CPU outside autocast, plain tensors, a 2-D
+    non-empty weight, a contiguous 1-D bias (oneDNN reads it as one), a non-empty input."""
     return (
-        _OP is not None
-        and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and x.device.type == "cpu" and weight.device.type == "cpu"
-        and type(x) in _PLAIN and type(weight) in _PLAIN
-        and x.numel() > 0
+        ENABLED
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and type(t) in _PLAIN
+                for t in (x, weight) + (() if bias is None else (bias,)))
+        and weight.dim() == 2 and weight.numel() > 0 and x.numel() > 0
+        and (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous()))
         and not torch.is_autocast_enabled("cpu")
     )
 
@@ -64,6 +68,7 @@ class _Linear(torch.autograd.Function):
         return _mm(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # no second derivatives (they would silently be zero)
     def backward(ctx, dy: Tensor):
         x, weight = ctx.saved_tensors
         dx = dw = db = None
@@ -79,20 +84,23 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where ``fast`` says so."""
-    if not fast(x, weight) or (bias is not None and (bias.dtype != torch.float32 or type(bias) not in _PLAIN)):
+    if not fast(x, weight, bias):
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _Linear.apply(x, weight, bias) if grad else _mm(x, weight, bias)
 
 
-def _forward(self: nn.Linear, x: Tensor) -> Tensor:
+def forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """``nn.Linear.forward`` through ``linear`` (named ``forward``: a pickled model comes back with the plain one)."""
     return linear(x, self.weight, self.bias)
 
 
 def use(model: nn.Module) -> None:
-    """Route every ``nn.Linear`` of ``model`` through ``linear`` (again after a method adds layers; idempotent)."""
-    if _OP is None:
+    """Route every ``nn.Linear`` of ``model`` through ``linear`` where ``ENABLED`` (again after a method adds
+    layers: idempotent). A module whose ``forward`` something else has replaced keeps it."""
+    if not ENABLED:
         return
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", CACHE_CAPACITY)
     for m in model.modules():
-        if type(m) is nn.Linear and getattr(m.forward, "__func__", None) is not _forward:
-            m.forward = MethodType(_forward, m)
+        if type(m) is nn.Linear and "forward" not in m.__dict__:
+            m.forward = MethodType(forward, m)

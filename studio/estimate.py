@@ -47,14 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import attention
+from core import attention, linear as core_linear
 from core.config import DataConfig, MethodConfig, TrainConfig
 from core.data.batching import val_size
 from core.dist import DistInfo, strategy
 from core.blocks import find_blocks
 from core.events import duration
 from core.forward import CE_CHUNK, piece_budget
-from core.linear import linear
 from core.methods import spec_of
 from core.models import ModelNotFoundError, load_model_config, resolve_precision
 from core.preflight import check_train, dry_run
@@ -64,10 +63,10 @@ from .i18n import t
 
 GB = 1024**3
 # The share of the plain matmul rate (matmul_rate) a whole training step reaches, by precision; bench/first_run.py
-# reports it. fp32: 0.38 on 2 AVX-512 cores, whose oneDNN products (core.linear) run twice MKL's (0.60-0.62 with MKL's
-# rate, before core.linear). bf16-mixed: 0.23-0.26 on 2 AVX512-BF16 cores, whose bf16 matmuls run several times their
-# fp32 while the rest of a step (attention, norms, casts, the optimiser) does not.
-EFFICIENCY = {"fp32": 0.4, "bf16-mixed": 0.25}
+# reports it. fp32: 0.60 on 2 AVX2 cores (MKL's products); 0.38 on 2 AVX-512 cores, whose products run through oneDNN
+# at twice MKL's rate there (core.linear; 0.62 before it). bf16-mixed: 0.23-0.26 on 2 AVX512-BF16 cores, whose bf16
+# matmuls run several times their fp32 while the rest of a step (attention, norms, casts, the optimiser) does not.
+EFFICIENCY = {"fp32": 0.4 if core_linear.ENABLED else 0.6, "bf16-mixed": 0.25}
 
 
 @dataclass
@@ -228,12 +227,12 @@ def matmul_rate(device: str, precision: str, windows: int = 5, window_s: float =
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     a = torch.randn(512, 576, dtype=dtype, device=device)
     w = torch.randn(1536, 576, dtype=dtype, device=device)
-    linear(a, w)  # warm-up
+    core_linear.linear(a, w)  # warm-up
     best = 0.0
     for _ in range(windows):
         n, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < window_s:
-            linear(a, w)
+            core_linear.linear(a, w)
             if device != "cpu":
                 torch.cuda.synchronize()
             n += 1

@@ -23,15 +23,16 @@ def close_to_fp64(ours: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The products oneDNN ran, as (rows, in, out)."""
+    """The products oneDNN ran, as (rows, in, out, the weight's storage); on any CPU (ENABLED is AVX-512 only)."""
     seen = []
     op = linear._OP
 
     def spy(x, w, *rest):
-        seen.append((x.numel() // x.shape[-1], x.shape[-1], w.shape[0]))
+        seen.append((x.numel() // x.shape[-1], x.shape[-1], w.shape[0], w.data_ptr()))
         return op(x, w, *rest)
 
     monkeypatch.setattr(linear, "_OP", spy)
+    monkeypatch.setattr(linear, "ENABLED", True)
     return seen
 
 
@@ -68,6 +69,20 @@ def test_values_and_gradients_equal_the_fp64_reference(case, calls):
     assert len(calls) == 3  # forward, dX, dW: all three through oneDNN
 
 
+@pytest.mark.parametrize("trains", ["bias only (BitFit)", "weight, not the input (full fine-tuning's first layer)"])
+def test_only_the_gradients_asked_for_are_computed_and_right(trains, calls):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(6, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    (b if trains.startswith("bias") else w).requires_grad_()
+    y = linear.linear(x, w, b)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    if trains.startswith("bias"):
+        assert close_to_fp64(b.grad, dy.double().sum(0)) and w.grad is None and len(calls) == 1
+    else:
+        assert close_to_fp64(w.grad, dy.double().T @ x.double()) and b.grad is None and len(calls) == 2
+
+
 def test_a_frozen_weight_gets_no_gradient_and_keeps_no_input(calls):
     x = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(4, 8)
@@ -83,16 +98,29 @@ WHY_NOT = {
     "fp64": lambda: (torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)),
     "mixed dtypes": lambda: (torch.randn(4, 8), torch.randn(3, 8, dtype=torch.bfloat16)),
     "no rows": lambda: (torch.randn(0, 8), torch.randn(3, 8)),
+    "no output features": lambda: (torch.randn(4, 8), torch.randn(0, 8)),
+    "a 1-D weight": lambda: (torch.randn(4, 8), torch.randn(8)),
+    "a strided bias": lambda: (torch.randn(4, 8), torch.randn(3, 8), torch.randn(6)[::2]),
+    "a scalar bias": lambda: (torch.randn(4, 8), torch.randn(3, 8), torch.tensor(0.5)),
 }
 
 
 @pytest.mark.parametrize("why", list(WHY_NOT))
 def test_everything_else_is_f_linear(why, calls):
-    x, w = WHY_NOT[why]()
-    assert not linear.fast(x, w)
+    x, w, *b = WHY_NOT[why]()
+    b = b[0] if b else None
+    assert not linear.fast(x, w, b)
     if x.dtype == w.dtype:
-        assert torch.equal(linear.linear(x, w), F.linear(x, w))
+        assert torch.equal(linear.linear(x, w, b), F.linear(x, w, b))
     assert not calls
+
+
+def test_nothing_is_routed_where_not_enabled(monkeypatch, calls):
+    monkeypatch.setattr(linear, "ENABLED", False)
+    model = tiny_lm()
+    linear.use(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not linear.fast(torch.randn(4, 8), torch.randn(3, 8))
 
 
 def test_under_autocast_the_product_is_left_to_autocast(calls):
@@ -119,6 +147,14 @@ def test_use_routes_a_models_linears_and_keeps_its_modules_and_state(calls):
     assert torch.allclose(after, before, atol=1e-5, rtol=1e-4)
 
 
+def test_use_leaves_a_forward_something_else_replaced(calls):
+    model = tiny_lm()
+    q = model.model.layers[0].self_attn.q_proj
+    q.forward = lambda x: torch.zeros(*x.shape[:-1], q.out_features)  # e.g. another library's hook
+    linear.use(model)
+    assert q(torch.randn(2, 32)).abs().sum() == 0 and not calls
+
+
 def test_the_fused_head_cross_entropy_runs_onednn_and_equals_the_plain_loss(calls):
     g = torch.Generator().manual_seed(0)
     head = nn.Linear(16, 50, bias=True)
@@ -133,12 +169,16 @@ def test_the_fused_head_cross_entropy_runs_onednn_and_equals_the_plain_loss(call
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
     assert close_to_fp64(h.grad, h2.grad) and close_to_fp64(head.weight.grad, w2.grad)
+    assert close_to_fp64(head.bias.grad, b2.grad)
 
 
 def test_fp32_training_runs_its_products_through_onednn(tmp_path, calls):
     """A model passed to train() in fp32: the base's layers and the LoRA layers the method adds run oneDNN."""
+    model = tiny_lm()
     events = run(run_config(write_qa(tmp_path / "qa.json", n=4), max_steps=1, precision="fp32"), tmp_path / "run",
-                 model=tiny_lm())
+                 model=model)
     assert events[-1]["status"] == "completed"
-    assert any(i == 32 and o == 4 for _, i, o in calls)  # lora_A (r=4) of the tiny model (d=32)
-    assert any(i == 32 and o == 64 for _, i, o in calls)  # an MLP projection of the base
+    ran = {ptr for *_, ptr in calls}
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.lora_A.weight.data_ptr() in ran  # a layer the method added
+    assert layer.mlp.up_proj.weight.data_ptr() in ran  # a layer of the base
