@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import linear
+from core.config import method_config
 from core.forward import head_cross_entropy
 from test_train import run, run_config, tiny_lm, write_qa
 from tiny import batch
@@ -23,12 +24,13 @@ def close_to_fp64(ours: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The products oneDNN ran, as (rows, in, out, the weight's storage); on any CPU (ENABLED is AVX-512 only)."""
+    """The products oneDNN ran, as (rows, in, out, the weight's storage, whether the weight trains); on any CPU
+    (ENABLED is AVX-512 only)."""
     seen = []
     op = linear._OP
 
     def spy(x, w, *rest):
-        seen.append((x.numel() // x.shape[-1], x.shape[-1], w.shape[0], w.data_ptr()))
+        seen.append((x.numel() // x.shape[-1], x.shape[-1], w.shape[0], w.data_ptr(), w.requires_grad))
         return op(x, w, *rest)
 
     monkeypatch.setattr(linear, "_OP", spy)
@@ -172,13 +174,15 @@ def test_the_fused_head_cross_entropy_runs_onednn_and_equals_the_plain_loss(call
     assert close_to_fp64(head.bias.grad, b2.grad)
 
 
-def test_fp32_training_runs_its_products_through_onednn(tmp_path, calls):
-    """A model passed to train() in fp32: the base's layers and the LoRA layers the method adds run oneDNN."""
+@pytest.mark.parametrize("method", ["lora", "diff_pruning", "far"])
+def test_fp32_training_runs_its_products_through_onednn(tmp_path, calls, method):
+    """A model passed to train() in fp32: the base's layers and the layers the method trains (LoRA's added ones,
+    DiffPruning's and FAR's own products) run oneDNN."""
     model = tiny_lm()
-    events = run(run_config(write_qa(tmp_path / "qa.json", n=4), max_steps=1, precision="fp32"), tmp_path / "run",
-                 model=model)
+    cfg = run_config(write_qa(tmp_path / "qa.json", n=4), method_config(method, {}), max_steps=1, precision="fp32")
+    events = run(cfg, tmp_path / "run", model=model)
     assert events[-1]["status"] == "completed"
-    ran = {ptr for *_, ptr in calls}
-    layer = model.model.layers[0]
-    assert layer.self_attn.q_proj.lora_A.weight.data_ptr() in ran  # a layer the method added
-    assert layer.mlp.up_proj.weight.data_ptr() in ran  # a layer of the base
+    assert model.lm_head.weight.data_ptr() in {c[3] for c in calls}  # the base's head (no method adapts it)
+    assert any(c[4] for c in calls)  # a weight that trains
+    if method == "lora":
+        assert model.model.layers[0].self_attn.q_proj.lora_A.weight.data_ptr() in {c[3] for c in calls}

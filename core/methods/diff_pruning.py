@@ -74,11 +74,11 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import MethodConfig, knob
+from ..linear import linear
 from .base import Method, RunPlan
 from .lora import find_linears, replace_module
 from .registry import MethodSpec, register
@@ -210,7 +210,7 @@ class DiffLinear(nn.Module):
         if self.conv1d:  # transformers' Conv1D: x·W + b with W (in, out)
             out = torch.addmm(bias, x.view(-1, x.size(-1)), weight)
             return out.view(x.size()[:-1] + (weight.shape[1],))
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)  # core.linear: through oneDNN in fp32 on AVX-512
 
     # ---- the L0 penalty, as gradient hooks -----------------------------------------------------------------
 

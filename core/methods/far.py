@@ -52,11 +52,11 @@ from itertools import cycle, islice
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import find_blocks
 from ..config import MethodConfig, knob
+from ..linear import linear
 from .base import Method, RunPlan, check_tensors, snapshot
 from .registry import MethodSpec, register
 
@@ -116,7 +116,7 @@ class SplitLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # in side: not a unit's
 
     def _lin(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return F.linear(x, w.t() if self.conv1d else w, b)
+        return linear(x, w.t() if self.conv1d else w, b)  # core.linear: through oneDNN in fp32 on AVX-512
 
     def forward(self, x: Tensor) -> Tensor:
         if self.side == "out":
