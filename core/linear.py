@@ -30,9 +30,11 @@ _OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkl
 ENABLED = _OP is not None and torch.backends.cpu.get_cpu_capability() == "AVX512"
 _PLAIN = (Tensor, nn.Parameter)
 # oneDNN keeps every product shape it has compiled (1024 by default). Rows of varying lengths make hundreds of
-# them, and with them ~300 MB of a LoRA run's peak on SmolLM2; 64 kept the same speed. Read at its first product,
-# so ``use`` sets it (unless the user did), in our processes only.
-CACHE_CAPACITY = "64"
+# them, and with them ~300 MB of a LoRA run's peak on SmolLM2; 64 kept the same speed. oneDNN reads it at its first
+# product in the process, whichever runs first (the studio's rate measurement, a bf16 matmul), so it is set here,
+# on import, unless the user set it.
+if ENABLED:
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
 def fast(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
@@ -100,7 +102,6 @@ def use(model: nn.Module) -> None:
     layers: idempotent). A module whose ``forward`` something else has replaced keeps it."""
     if not ENABLED:
         return
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", CACHE_CAPACITY)
     for m in model.modules():
         if type(m) is nn.Linear and "forward" not in m.__dict__:
             m.forward = MethodType(forward, m)

@@ -3,6 +3,11 @@ rounding of an fp64 reference), hand every other call to F.linear, and are what 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +191,16 @@ def test_fp32_training_runs_its_products_through_onednn(tmp_path, calls, method)
     assert any(c[4] for c in calls)  # a weight that trains
     if method == "lora":
         assert model.model.layers[0].self_attn.q_proj.lora_A.weight.data_ptr() in {c[3] for c in calls}
+
+
+@pytest.mark.parametrize("user_value", [None, "7"])
+def test_importing_core_caps_onednns_shape_cache_unless_the_user_set_it(user_value):
+    """Set on import, before any product of the process (oneDNN reads it once); on AVX-512 only, like the routing."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if user_value:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = user_value
+    code = "import os, core.models, core.linear as L; print(L.ENABLED, os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    enabled = out[0] == "True"
+    assert out[1] == (user_value or ("64" if enabled else "None"))
