@@ -63,10 +63,16 @@ from .i18n import t
 
 GB = 1024**3
 # The share of the plain matmul rate (matmul_rate) a whole training step reaches, by precision; bench/first_run.py
-# reports it. fp32: 0.60 on 2 AVX2 cores (MKL's products); 0.38 on 2 AVX-512 cores, whose products run through oneDNN
-# at twice MKL's rate there (core.linear; 0.62 before it). bf16-mixed: 0.23-0.26 on 2 AVX512-BF16 cores, whose bf16
-# matmuls run several times their fp32 while the rest of a step (attention, norms, casts, the optimiser) does not.
-EFFICIENCY = {"fp32": 0.4 if core_linear.ENABLED else 0.6, "bf16-mixed": 0.25}
+# reports it. fp32, measured on 2 cores: 0.60 with MKL's products (AVX2, before core.linear); with oneDNN's
+# (core.linear), 0.55 on AVX2 (every library held to AVX2 on an AVX-512 machine) and 0.38 on AVX-512, where the
+# products run at twice MKL's rate while the rest of a step does not. bf16-mixed: 0.23-0.26 on 2 AVX512-BF16 cores,
+# whose bf16 matmuls run several times their fp32 while the rest of a step (attention, norms, casts, the
+# optimiser) does not.
+_FP32_ONEDNN = {"AVX512": 0.4, "AVX2": 0.55}
+EFFICIENCY = {
+    "fp32": _FP32_ONEDNN.get(torch.backends.cpu.get_cpu_capability(), 0.6) if core_linear.ENABLED else 0.6,
+    "bf16-mixed": 0.25,
+}
 
 
 @dataclass
