@@ -1,4 +1,8 @@
-"""Run one side of one case in a fresh process (so peak memory is that side's alone); print one JSON line."""
+"""Run one side of one case in a fresh process (so peak memory is that side's alone); print one JSON line.
+
+``--flops`` counts the training run's FLOPs with torch's FLOP counter instead of timing it (the counter slows it
+down): the matrix products of both sides, which is what differs. The CPU's flash attention kernel has no formula
+in torch's counter, so attention is left out of both counts."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import DEFAULT_MODEL
 from core.models import load_model
@@ -21,6 +26,7 @@ def main() -> None:
     ap.add_argument("--case", required=True, choices=sorted(CASE_BY_NAME))
     ap.add_argument("--side", required=True, choices=["ours", *PEER_SIDES])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--flops", action="store_true", help="count the training run's FLOPs (the timing is then void)")
     args = ap.parse_args()
     case = CASE_BY_NAME[args.case]
     torch.manual_seed(0)
@@ -35,12 +41,15 @@ def main() -> None:
         n = case.quick_examples if args.quick else case.full_examples
         train_file, val_file = write_split(work / "data", n)
         epochs = 1 if args.quick else case.full_epochs
+        counter = FlopCounterMode(display=False) if args.flops else None
         if args.side == "ours":
-            result = ours.run(case, model, tokenizer, train_file, val_file, work, device, epochs)
+            result = ours.run(case, model, tokenizer, train_file, val_file, work, device, epochs, training=counter)
         else:
             grouped, attn = PEER_SIDES[args.side]
             result = peer.run(case, model, tokenizer, train_file, val_file, work, device, grouped=grouped,
-                              epochs=epochs, attn=attn)
+                              epochs=epochs, attn=attn, training=counter)
+        if counter is not None:
+            result["train_flop"] = counter.get_total_flops()
         if device.type == "cuda":
             flops = model_flops(encode_file(train_file, tokenizer), n_params, cfg.num_hidden_layers, cfg.hidden_size)
             result["mfu"] = mfu(flops, result["wall_s"])

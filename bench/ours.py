@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +29,9 @@ def eval_loss(model, method, examples, pad_id: int, device) -> float:
     return float(total / count)
 
 
-def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device, epochs: int = 1) -> dict:
+def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device, epochs: int = 1,
+        training: AbstractContextManager | None = None) -> dict:
+    """``training``: a context the training run alone goes through (bench.one's FLOP counter), not the eval."""
     cfg = RunConfig(
         model="(preloaded)",
         method=method_config(case.method, case.knobs),
@@ -38,8 +41,9 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
     )
     events = []
     t0 = time.perf_counter()
-    for ev in train(cfg, work / "ours", model=model, tokenizer=tokenizer):
-        events.append(ev)
+    with training or nullcontext():
+        for ev in train(cfg, work / "ours", model=model, tokenizer=tokenizer):
+            events.append(ev)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

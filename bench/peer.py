@@ -13,6 +13,7 @@ the same distribution as the Trainer's default random sampler, so the padding th
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -112,13 +113,15 @@ def eval_loss(model, examples, collator, device) -> float:
 
 
 def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Path, device,
-        grouped: bool = False, epochs: int = 1, attn: str = "sdpa") -> dict:
+        grouped: bool = False, epochs: int = 1, attn: str = "sdpa",
+        training: AbstractContextManager | None = None) -> dict:
     """Timed like ours (the whole of core.train.train): tokenise, wrap, train, save the adapter.
 
     ``grouped``: the Trainer's strongest standard setting, batches of similar lengths (its LengthGroupedSampler,
     group_by_length) instead of our batches in our order; the rows and the init are still shared. ``attn``: the
     model's attn_implementation, transformers' default "sdpa" or its "eager" matmuls (faster for short rows under
-    bf16 autocast on a CPU, where SDPA's flash kernel runs in bf16)."""
+    bf16 autocast on a CPU, where SDPA's flash kernel runs in bf16). ``training``: a context ``trainer.train()``
+    alone goes through (bench.one's FLOP counter)."""
     import peft
 
     init = our_init(case, model)  # not timed
@@ -141,7 +144,8 @@ def run(case: Case, model, tokenizer, train_file: Path, val_file: Path, work: Pa
         bf16=resolve_precision(case.precision, device) == "bf16-mixed",
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    trainer.train()
+    with training or nullcontext():
+        trainer.train()
     trainer.save_model(str(work / "peer" / "adapter"))
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -20,6 +20,11 @@ tensor per layer for the backward pass: at most 2.8 MiB a layer for a 1024-posit
 (core.forward.piece_budget). The query heads that share a key/value head are stacked as one (G·Tq, d) matrix
 against that head's keys, so the shared heads are never copied.
 
+A packed row on the CPU (core.forward.packed: sequences back to back, positions restarting at each, read from
+the ``position_ids`` transformers hands to attention) runs one sequence at a time, each attending causally to its
+own keys after a shared prefix's (``_per_sequence``): no block-diagonal mask, which would rule out the causal
+kernels and cost the row's length squared.
+
 ``use(model)`` switches a loaded transformers model to it; the masks it gets are SDPA's (boolean, or None for
 plain causal attention), so both paths see the same inputs and give the same result.
 """
@@ -39,6 +44,9 @@ SHORT_KEYS = 160  # the longest key length computed by the grouped matmuls (SDPA
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
               dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention signature: query (B, H, Tq, d), key/value (B, KV, Tk, d) -> ((B, Tq, H, d), None)."""
+    segments = packed_segments(query, kwargs.get("position_ids"))
+    if segments is not None:
+        return _per_sequence(module, query, key, value, segments, dropout, scaling, kwargs), None
     if not _short_cpu(module, query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -49,6 +57,39 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     out = _GroupedAttention.apply(query, key.to(query.dtype), value.to(query.dtype), attention_mask,
                                   d**-0.5 if scaling is None else scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def packed_segments(query: Tensor, position_ids: Tensor | None) -> list[tuple[int, int]] | None:
+    """The (start, end) query positions of each sequence of a packed CPU row (core.forward.packed: positions
+    restart at every sequence), or None for anything else (a batch of rows, one sequence, a GPU, one query)."""
+    if query.device.type != "cpu" or query.shape[0] != 1 or query.shape[2] < 2 or position_ids is None:
+        return None
+    pos = position_ids.reshape(-1)
+    if pos.numel() != query.shape[2]:
+        return None
+    starts = [0] + (torch.nonzero(pos[1:] - pos[:-1] != 1).reshape(-1) + 1).tolist()
+    if len(starts) == 1:
+        return None
+    return list(zip(starts, starts[1:] + [pos.numel()]))
+
+
+def _per_sequence(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, segments: list[tuple[int, int]],
+                  dropout: float, scaling: float | None, kwargs: dict) -> Tensor:
+    """Attention of a packed CPU row, one sequence at a time: each attends causally to its own keys, after the
+    keys of a shared prefix (core.forward.SharedPrefix; the first Tk - Tq keys) if there is one. The same result
+    as a block-diagonal mask over the whole row, at the cost of the sequences' own lengths, not the row's squared,
+    and with the causal kernels (SDPA's, or ``_GroupedAttention``) that a mask would rule out."""
+    p = key.shape[2] - query.shape[2]
+    rest = {k: v for k, v in kwargs.items() if k != "position_ids"}
+    outs = []
+    for s, e in segments:
+        k, v = key[:, :, p + s : p + e], value[:, :, p + s : p + e]
+        mask = None  # plain causal over its own keys
+        if p:  # every query sees the whole prefix, then its own keys up to itself
+            k, v = torch.cat([key[:, :, :p], k], 2), torch.cat([value[:, :, :p], v], 2)
+            mask = torch.ones(e - s, p + e - s, dtype=torch.bool, device=query.device).tril(p)[None, None]
+        outs.append(attention(module, query[:, :, s:e], k, v, mask, dropout, scaling, **rest)[0])
+    return torch.cat(outs, 1)
 
 
 class _GroupedAttention(torch.autograd.Function):
@@ -123,3 +164,8 @@ def use(model: nn.Module) -> None:
     other models keep theirs)."""
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(NAME)
+
+
+def runs(model: nn.Module) -> bool:
+    """Whether ``model``'s attention is ``attention`` (``use`` switched it), which splits packed CPU rows."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME

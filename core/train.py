@@ -264,6 +264,10 @@ class RunState:
         return shares_prefix(self.method, self.session.device, self.parallel == "single", self.cfg.train)
 
     @property
+    def packs(self) -> bool:
+        return packs(self.method, self.session.device, self.loss_module.model)
+
+    @property
     def cfg(self) -> RunConfig:
         return self.session.cfg
 
@@ -357,7 +361,7 @@ def _data(session: Session, tokenizer) -> tuple[LengthGroupedBatches, LengthGrou
     if not train_set:
         raise ValueError(f"DataConfig.path = {cfg.data.path!r}: no training examples left after the split")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # batches stay uniformly random (length grouping costs quality) where nothing is padded: packed rows on CUDA,
+    # batches stay uniformly random (length grouping costs quality) where nothing is padded: packed rows, or
     # length-tight pieces on the CPU (core.forward, _work); other runs pad each batch, so they group by length
     device = session.device.type
     grouped = device != "cpu" and (device not in PACKED_ON or spec_of(cfg.method).virtual_tokens)
@@ -455,7 +459,7 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
     n_tokens = sum(b.n_supervised() for b in group)  # CPU tensors: no device sync
     mine = group[world.rank * tc.grad_accum : (world.rank + 1) * tc.grad_accum]
     scale = world.world_size / max(1, n_tokens)  # DDP averages over ranks; we want the global sum
-    plans = [_work(b, device, run.method, run.shares_prefix) for b in mine]  # [(shared prefix length, calls)]
+    plans = [_work(b, device, run.shares_prefix, run.packs) for b in mine]  # [(shared prefix length, calls)]
     last = (len(plans) - 1, len(plans[-1][1]) - 1)
     loss_sum = torch.zeros((), device=device)
     for j, (k, calls) in enumerate(plans):
@@ -483,25 +487,35 @@ def _accumulate_gradients(run: RunState, stream: Iterator, log_now: bool) -> Mea
 
 def shares_prefix(method: Method, device: torch.device, single: bool, tc) -> bool:
     """Whether micro-batches run the prompt prefix their rows share once (core.forward.SharedPrefix): in one
-    process (DDP and FSDP2 reduce gradients during the rows' backward, before the prefix's), on unpacked rows,
-    without activation checkpointing (its replay would extend the cache again), for a method that allows it."""
+    process (DDP and FSDP2 reduce gradients during the rows' backward, before the prefix's), not on CUDA's packed
+    rows (transformers' varlen attention has no prefix), without activation checkpointing (its replay would extend
+    the cache again), for a method that allows it."""
     return method.shares_prefix and single and not tc.grad_checkpointing and device.type not in PACKED_ON
 
 
-def _work(batch, device: torch.device, method: Method,
-          share: bool) -> tuple[int, list[tuple[Tensor, Tensor, Tensor | None]]]:
+def packs(method: Method, device: torch.device, model: nn.Module) -> bool:
+    """Whether micro-batches run as packed rows (core.forward.packed): sequences back to back, no padding. On
+    CUDA (PACKED_ON), where transformers keeps attention within each sequence; on the CPU where the model runs
+    core.attention, which attends within each sequence with the causal kernels; never for methods that prepend
+    virtual tokens to each sequence."""
+    if method.num_virtual_tokens:
+        return False
+    return device.type in PACKED_ON or (device.type == "cpu" and attention.runs(model))
+
+
+def _work(batch, device: torch.device, share: bool,
+          pack: bool) -> tuple[int, list[tuple[Tensor, Tensor, Tensor | None]]]:
     """A micro-batch as (k, the (input_ids, labels, position_ids or None) calls the loop makes; core.forward).
 
     ``share`` (``RunState.shares_prefix``): the k leading tokens all rows have in common (the chat template's
-    system prompt) run once, as a SharedPrefix, and the calls hold the rest of each row. Then length-sorted
-    right-padded pieces, which need no mask at all (SDPA's causal kernel), or on GPUs (PACKED_ON), where a
-    block-diagonal mask costs little and padding costs a lot, packed rows; never packed for methods that
-    prepend virtual tokens to each sequence."""
+    system prompt) run once, as a SharedPrefix, and the calls hold the rest of each row. ``pack``
+    (``RunState.packs``): the rows as packed rows of at most piece_budget's cap, positions continuing after the
+    prefix; otherwise length-sorted right-padded pieces, which need no mask at all (SDPA's causal kernel)."""
     cap, overhead = piece_budget(device)
-    if device.type in PACKED_ON and not method.num_virtual_tokens:
-        return 0, packed(batch.input_ids, batch.attention_mask, batch.labels, cap)
     k = shared_prefix(batch.input_ids, batch.attention_mask, batch.labels) if share else 0
     ids, mask, labels = batch.input_ids[:, k:], batch.attention_mask[:, k:], batch.labels[:, k:]
+    if pack:
+        return k, packed(ids, mask, labels, cap, start=k)
     return k, [(i, l, None) for i, l in pieces(ids, mask, labels, cap, overhead)]
 
 

@@ -179,3 +179,54 @@ def test_training_switches_the_model_and_saved_configs_do_not_name_it(tmp_path, 
     tiny.save_pretrained(tmp_path / "saved")
     assert attention.NAME not in (tmp_path / "saved" / "config.json").read_text()
     assert "attn_implementation" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+
+
+def packed_reference_mask(lengths: list[int], prefix: int) -> torch.Tensor:
+    """Block-diagonal causal mask of a packed row after ``prefix`` shared keys: each sequence sees the prefix and
+    its own keys up to itself, never another sequence."""
+    t = sum(lengths)
+    mask = torch.zeros(t, prefix + t, dtype=torch.bool)
+    mask[:, :prefix] = True
+    s = 0
+    for n in lengths:
+        mask[s : s + n, prefix + s : prefix + s + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        s += n
+    return mask[None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_a_packed_row_attends_within_each_sequence(dtype, prefix, monkeypatch):
+    """A packed CPU row (positions restarting at each sequence, after an optional shared prefix) runs one
+    sequence at a time and equals the block-diagonal fp64 reference, values and gradients; the mask
+    transformers passes (plain causal, as it builds with a prefix cache) is not what decides."""
+    lengths = [7, 3, 9, 1]
+    t = sum(lengths)
+    q, k, v = qkv(1, 4, 2, t, prefix + t, dtype=dtype, seed=3)
+    pos = torch.cat([torch.arange(prefix, prefix + n) for n in lengths])[None]
+    calls = []
+    real = attention._per_sequence
+    monkeypatch.setattr(attention, "_per_sequence", lambda *a: calls.append(a[4]) or real(*a))
+    out, _ = attention.attention(Module(2), q, k, v, causal_mask(1, t, prefix + t), scaling=16**-0.5,
+                                 position_ids=pos)
+    assert calls == [[(0, 7), (7, 10), (10, 19), (19, 20)]]
+    want, q64, k64, v64 = reference(q, k, v, packed_reference_mask(lengths, prefix))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=tol * 4)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    out.backward(dy.to(dtype))
+    want.backward(dy.double())
+    for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad.view(1, 2, 2, -1, 16).sum(2)),
+                     (v.grad, v64.grad.view(1, 2, 2, -1, 16).sum(2))):
+        assert (got.double() - ref).abs().max() <= tol * 4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("why,pos", [
+    ("one sequence", torch.arange(12)[None]),
+    ("a batch of rows", None),
+    ("decoding: one query", torch.tensor([[11]])),
+])
+def test_only_packed_cpu_rows_are_split(why, pos):
+    q = torch.randn(1 if why != "a batch of rows" else 2, 4, 1 if why.startswith("decoding") else 12, 16)
+    assert attention.packed_segments(q, pos) is None
+    assert attention.packed_segments(torch.randn(1, 4, 5, 16), torch.tensor([[0, 1, 2, 0, 1]])) == [(0, 3), (3, 5)]

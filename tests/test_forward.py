@@ -208,3 +208,72 @@ def test_ungrouped_batches_are_random_draws_with_the_longest_first():
     assert max(random_.lengths[i] for i in plan[0]) == max(random_.lengths)
     assert random_.padding_waste() > grouped.padding_waste()  # batches mix lengths: no grouping
     assert plan == random_.plan(0) and plan != random_.plan(1)  # deterministic per (seed, epoch)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_packed_rows_after_a_shared_prefix_give_the_batch_loss_and_gradient(arch, kind):
+    """The CPU training path (core.train._work): the shared prefix runs once, the rest of the rows run as packed
+    rows whose positions continue after it, and core.attention keeps each sequence to the prefix and itself:
+    the loss and every gradient equal the padded batch's."""
+    from core import attention
+    from core.train import packs
+
+    model = TINY_MODELS[arch]()
+    attention.use(model)
+    torch.manual_seed(0)
+    method = build_method(method_config(kind, {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {}))
+    method.apply(model)
+    assert packs(method, torch.device("cpu"), model)
+    with torch.no_grad():
+        for p in method.trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    params = list(method.trainable_parameters(model).values())
+    b = collate(_sharing([22, 15, 19, 12, 22], prefix=10, trained_from=11), pad_id=0)
+
+    def grads(packed_rows: bool):
+        for p in params:
+            p.grad = None
+        if not packed_rows:
+            s, _ = supervised_loss(model, method, b.input_ids, b.attention_mask, b.labels)
+            s.backward()
+            return float(s.detach()), [p.grad.clone() for p in params]
+        k = shared_prefix(b.input_ids, b.attention_mask, b.labels)
+        prefix = SharedPrefix(model, method, b.input_ids[:1, :k])
+        rows = packed(b.input_ids[:, k:], b.attention_mask[:, k:], b.labels[:, k:], max_tokens=20, start=k)
+        assert [tuple(ids.shape) for ids, _, _ in rows] == [(1, 17), (1, 11), (1, 12)]  # 12+5, 9+2, 12
+        assert rows[0][2].tolist() == [[*range(10, 22), *range(10, 15)]]
+        total = 0.0
+        for ids, labels, pos in rows:
+            s, _ = supervised_loss(model, method, ids, None, labels, pos, prefix)
+            s.backward()
+            total += float(s.detach())
+        prefix.backward()
+        return total, [p.grad.clone() for p in params]
+
+    want_loss, want = grads(False)
+    loss, got = grads(True)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method_name,packs_rows", [("lora", True), ("bitfit", True), ("prompt_tuning", False)])
+def test_cpu_training_runs_packed_rows_unless_a_method_prepends_virtual_tokens(method_name, packs_rows, tmp_path,
+                                                                               monkeypatch):
+    """train() on the CPU packs each micro-batch (after its shared prefix) when the model runs core.attention;
+    methods with virtual tokens keep length-tight pieces, and so does a model whose attention is not ours."""
+    import core.train as core_train
+    from test_train import run, run_config, tiny_lm, write_qa
+
+    calls = {"packed": 0, "pieces": 0}
+    for name in calls:
+        real = getattr(core_train, name)
+        monkeypatch.setattr(core_train, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **k))
+    cfg = run_config(write_qa(tmp_path / "qa.json"), method_config(method_name, {}), max_steps=2)
+    events = run(cfg, tmp_path / "run")
+    assert events[-1]["status"] == "completed"
+    assert (calls["packed"] > 0, calls["pieces"] > 0) == (packs_rows, not packs_rows)
+    plain = tiny_lm()  # sdpa: transformers' own attention would mix the sequences of a packed row after a prefix
+    assert not core_train.packs(build_method(method_config("lora", {})), torch.device("cpu"), plain)

@@ -348,17 +348,23 @@ def test_the_shared_system_prompt_runs_once_and_trains_as_the_whole_rows(tmp_pat
     assert [e["grad_norm"]["total"] for e in got] == pytest.approx([e["grad_norm"]["total"] for e in want], rel=1e-4)
 
 
-def test_packed_rows_train_as_the_length_tight_pieces(tmp_path, monkeypatch):
-    """The CUDA path (padding-free packed rows, core.train._work) forced on the CPU: the same losses and gradient
-    norms as the CPU's pieces, step after step."""
+@pytest.mark.parametrize("layout", ["cpu: after the shared prefix", "cuda: no prefix"])
+def test_packed_rows_train_as_the_length_tight_pieces(layout, tmp_path, monkeypatch):
+    """Padding-free packed rows (core.train._work), as the CPU runs them (after the micro-batch's shared prefix,
+    core.attention splitting the sequences) and as CUDA does (PACKED_ON: no prefix): the same losses and gradient
+    norms as length-tight pieces, step after step."""
     import core.train as core_train
 
     cfg = run_config(write_qa(tmp_path / "qa.json", n=16), max_steps=4, batch_size=4)
-    want = steps(run(cfg, tmp_path / "pieces"))
-    monkeypatch.setattr(core_train, "PACKED_ON", ("cpu",))
+    if layout.startswith("cuda"):
+        monkeypatch.setattr(core_train, "PACKED_ON", ("cpu",))
     calls = []
-    monkeypatch.setattr(core_train, "packed", lambda *a: calls.append(1) or packed(*a))
+    monkeypatch.setattr(core_train, "packed", lambda *a, **k: calls.append(k.get("start", 0)) or packed(*a, **k))
     got = steps(run(cfg, tmp_path / "packed"))
     assert len(calls) == 4  # every micro-batch went through packing
+    assert all(calls) if layout.startswith("cpu") else not any(calls)  # positions continue after a prefix or not
+    monkeypatch.setattr(core_train, "packs", lambda *a: False)
+    want = steps(run(cfg, tmp_path / "pieces"))
+    assert len(calls) == 4
     assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-5)
     assert [e["grad_norm"]["total"] for e in got] == pytest.approx([e["grad_norm"]["total"] for e in want], rel=1e-4)
