@@ -1,8 +1,9 @@
 """Run one side of one case in a fresh process (so peak memory is that side's alone); print one JSON line.
 
 ``--flops`` counts the training run's FLOPs with torch's FLOP counter instead of timing it (the counter slows it
-down): the matrix products of both sides, which is what differs. The CPU's flash attention kernel has no formula
-in torch's counter, so attention is left out of both counts."""
+down): the matrix products of both sides. The CPU's flash attention kernel (SDPA) has no formula in torch's
+counter, so in fp32 attention is left out of both counts; in bf16 on a CPU our short attention's matmuls
+(core.attention) and the peer's eager attention are counted."""
 
 from __future__ import annotations
 

@@ -167,5 +167,21 @@ def use(model: nn.Module) -> None:
 
 
 def runs(model: nn.Module) -> bool:
-    """Whether ``model``'s attention is ``attention`` (``use`` switched it), which splits packed CPU rows."""
+    """Whether ``model``'s attention is ``attention`` (``use`` switched it)."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
+# Model families whose every layer is full attention and whose attention functions receive the position_ids, so
+# a packed CPU row is split into its sequences (tests/test_forward.py trains each). Others keep length-tight
+# pieces: a family that drops the position_ids on the way (GPTBigCode, Persimmon, ...) would let a sequence attend
+# to the ones before it after a shared prefix, and sliding windows, convolutions and state-space layers cross
+# the sequences of a row.
+PACKABLE = ("llama", "qwen2", "gpt2")
+
+
+def splits_packed_rows(model: nn.Module) -> bool:
+    """Whether ``model`` runs ``attention`` and is a family (PACKABLE) where it splits every packed CPU row."""
+    cfg = getattr(model, "config", None)
+    full = all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"])
+    return (runs(model) and getattr(cfg, "model_type", None) in PACKABLE and full
+            and not getattr(cfg, "use_sliding_window", False))

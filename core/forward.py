@@ -59,7 +59,7 @@ def hidden_states(
     """Last hidden states (B, T, d) aligned with ``input_ids``; virtual tokens of prompt methods are stripped.
 
     ``attention_mask`` None: no padding, or right padding only (see the module docstring). ``position_ids``: a
-    packed row (``packed``), positions restarting at 0 for each sequence; attention stays within each.
+    packed row (``packed``), positions restarting for each sequence; attention stays within each.
     ``prefix``: the rows continue this shared prefix (``SharedPrefix``), whose keys and values they attend to."""
     if method is None:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -198,7 +198,7 @@ def packed(
     """Padding-free packing: a right-padded batch as rows of (1, n) (input_ids, labels, position_ids), each the
     real tokens of consecutive sequences (at most ``max_tokens``, unless one sequence is longer).
 
-    position_ids restart at 0 at every sequence, which is how transformers finds the sequences of a packed row
+    position_ids restart (at ``start``, 0 by default) at every sequence, which is how transformers finds the sequences of a packed row
     (flash-attention's varlen kernel, or SDPA with a block-diagonal causal mask), so no token attends to another
     sequence, and rotary positions are those of the sequence alone. Each sequence's first label becomes IGNORE:
     in a packed row it would be the target of the previous sequence's last token, and in the batch it is never a

@@ -7,7 +7,14 @@ anywhere). A training step is ~80% matrix products, so fp32 training follows, an
 through the 49k-wide LM head took 6.6 ms with MKL and 2.9 ms with oneDNN. With every library held to AVX2 on the
 same machine, oneDNN's products ran at 195-235 GFLOP/s against MKL's 170-205, a LoRA step took 6% less time, and
 the head's one row 2.5 ms against 6.8 ms. So this runs wherever torch's CPU capability is AVX2 or AVX-512
-(``ENABLED``); elsewhere (older x86, ARM) ``F.linear`` keeps every product.
+(``ENABLED``); elsewhere (older x86, ARM), or with ``PEFT_STUDIO_ONEDNN_LINEAR=0``, ``F.linear`` keeps every
+product.
+
+``linear`` is ``F.linear`` through oneDNN (``torch.ops.mkldnn._linear_pointwise``, which reads ordinary strided
+inputs) where ``fast`` says so, with its own backward (dX = dY·W, dW = dYᵀ·X, db = Σ dY, the products through
+oneDNN too); everything else (half precision, autocast, GPUs, tensor subclasses, odd shapes) goes to
+``F.linear`` unchanged. ``use(model)`` routes a model's ``nn.Linear`` layers through it; the modules stay
+``nn.Linear`` with the same parameters and state dict.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 _OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-ENABLED = _OP is not None and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# PEFT_STUDIO_ONEDNN_LINEAR=0 keeps F.linear everywhere (the AVX2 figures come from a machine held to AVX2)
+ENABLED = (_OP is not None and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+           and os.environ.get("PEFT_STUDIO_ONEDNN_LINEAR", "1") != "0")
 _PLAIN = (Tensor, nn.Parameter)
 # oneDNN keeps every product shape it has compiled (1024 by default). Rows of varying lengths make hundreds of
 # them, and with them ~300 MB of a LoRA run's peak on SmolLM2; 64 kept the same speed. oneDNN reads it at its first

@@ -495,12 +495,12 @@ def shares_prefix(method: Method, device: torch.device, single: bool, tc) -> boo
 
 def packs(method: Method, device: torch.device, model: nn.Module) -> bool:
     """Whether micro-batches run as packed rows (core.forward.packed): sequences back to back, no padding. On
-    CUDA (PACKED_ON), where transformers keeps attention within each sequence; on the CPU where the model runs
-    core.attention, which attends within each sequence with the causal kernels; never for methods that prepend
-    virtual tokens to each sequence."""
+    CUDA (PACKED_ON), where transformers keeps attention within each sequence; on the CPU where core.attention
+    splits a packed row into its sequences (attention.splits_packed_rows: the families it is tested on); never
+    for methods that prepend virtual tokens to each sequence."""
     if method.num_virtual_tokens:
         return False
-    return device.type in PACKED_ON or (device.type == "cpu" and attention.runs(model))
+    return device.type in PACKED_ON or (device.type == "cpu" and attention.splits_packed_rows(model))
 
 
 def _work(batch, device: torch.device, share: bool,

@@ -12,8 +12,8 @@ tensors that full fine-tuning, Freeze and FishMask keep):
     weights      (total - S) · base + S · 4        (what trains is held in fp32)
     gradients    S · 4
     optimiser    S · 8 + K                          (AdamW: two fp32 moments)
-    activations  P · L · A · base, the largest piece of a batch (core.forward.pieces: P positions, at most
-                 piece_budget's cap unless one row is longer), through L blocks that keep A entries a position:
+    activations  P · L · A · base, the largest packed row or piece of a batch (core.forward.packed and pieces:
+                 P positions, at most piece_budget's cap unless one row is longer), through L blocks that keep A entries a position:
                  6d + 2·kv + 3·ff for the backward through a frozen block, plus the input of every block linear
                  whose weights (or a LoRA / adapter on it) train, plus H · T attention probabilities where a
                  CPU runs bf16 attention as matmuls (core.attention.grouped: T keys, H heads). With gradient
@@ -168,10 +168,11 @@ class Estimator:
 
 def activation_bytes(model: nn.Module, shape, train: TrainConfig, seq: int, supervised: float, device: torch.device,
                      base: int) -> int:
-    """Activation memory of the largest piece of a batch (see the module docstring); ``model`` is the dry run's."""
+    """Activation memory of the largest packed row or piece of a batch (see the module docstring); ``model`` is
+    the dry run's."""
     cap = piece_budget(device)[0]
     rows = max(1, min(train.batch_size, cap // max(1, seq)))
-    positions = rows * seq
+    positions = min(train.batch_size * seq, max(cap, seq))  # a packed row fills up to the cap, a piece nearly
     d, layers = shape.hidden_size, shape.num_layers
     ff = int(getattr(model.config, "intermediate_size", None) or 4 * d)
     per_position = 6 * d + 2 * shape.kv_dim + 3 * ff + trained_inputs(find_blocks(model)[1][0])

@@ -277,3 +277,27 @@ def test_cpu_training_runs_packed_rows_unless_a_method_prepends_virtual_tokens(m
     assert (calls["packed"] > 0, calls["pieces"] > 0) == (packs_rows, not packs_rows)
     plain = tiny_lm()  # sdpa: transformers' own attention would mix the sequences of a packed row after a prefix
     assert not core_train.packs(build_method(method_config("lora", {})), torch.device("cpu"), plain)
+
+
+def test_packed_cpu_rows_only_for_families_whose_attention_splits_them():
+    """core.attention splits a packed CPU row only where every layer is full attention and the position_ids reach
+    it: llama, qwen2, gpt2 (each trained above). A sliding window, or a family not on the list, keeps pieces."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from core import attention
+    from core.train import packs
+
+    lora = build_method(method_config("lora", {}))
+    for arch in TINY_MODELS:
+        model = TINY_MODELS[arch]()
+        assert not packs(lora, torch.device("cpu"), model)  # transformers' own sdpa
+        attention.use(model)
+        assert packs(lora, torch.device("cpu"), model)
+    model = TINY_MODELS["qwen2"]()
+    model.config.use_sliding_window = True
+    attention.use(model)
+    assert not packs(lora, torch.device("cpu"), model)
+    other = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa"))
+    attention.use(other)
+    assert attention.runs(other) and not packs(lora, torch.device("cpu"), other)

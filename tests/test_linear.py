@@ -210,10 +210,15 @@ def test_importing_core_caps_onednns_shape_cache_unless_the_user_set_it(user_val
 def test_routing_is_on_where_torch_runs_avx2_or_avx512(capability):
     """oneDNN's fp32 products beat MKL's with AVX2 too (6% of a LoRA step, 2.7x on the head's one decoding row,
     measured with every library held to AVX2); without AVX2 (old x86, ARM) F.linear keeps them."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     code = "import torch, core.linear as L; print(torch.backends.cpu.get_cpu_capability(), L.ENABLED)"
-    got, enabled = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                                  cwd=Path(__file__).resolve().parents[1]).stdout.split()
+
+    def enabled(**env) -> tuple[str, str]:
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, **env}
+        return tuple(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split())
+
+    got, on = enabled()
     if got != capability.upper():
         pytest.skip(f"this CPU runs {got}, not {capability}")
-    assert enabled == str(capability != "default")
+    assert on == str(capability != "default")
+    assert enabled(PEFT_STUDIO_ONEDNN_LINEAR="0")[1] == "False"  # the user's way out
