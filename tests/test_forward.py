@@ -83,6 +83,18 @@ def test_pieces_without_mask_give_the_padded_batch_gradient(arch, kind):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def _trained(model: nn.Module, kind: str) -> tuple:
+    """(method, its trainable tensors): ``kind`` (LoRA on every linear, or full/adapter defaults) applied to
+    ``model`` with seeded weights moved off their init, so every gradient is non-trivial."""
+    torch.manual_seed(0)
+    method = build_method(method_config(kind, {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {}))
+    method.apply(model)
+    with torch.no_grad():
+        for p in method.trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    return method, list(method.trainable_parameters(model).values())
+
+
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_packed_rows_give_the_padded_batch_loss_and_gradient(arch, kind):
@@ -90,13 +102,7 @@ def test_packed_rows_give_the_padded_batch_loss_and_gradient(arch, kind):
     equal the padded batch exactly, including a sequence whose every token is trained (its first label would
     otherwise be the previous sequence's target)."""
     model = TINY_MODELS[arch]()
-    torch.manual_seed(0)
-    method = build_method(method_config(kind, {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {}))
-    method.apply(model)
-    with torch.no_grad():
-        for p in method.trainable_parameters(model).values():
-            p.add_(0.05 * torch.randn_like(p))
-    params = list(method.trainable_parameters(model).values())
+    method, params = _trained(model, kind)
     examples = _examples([12, 5, 9, 3, 12, 7])
     examples[3] = Example(examples[3].input_ids, list(examples[3].input_ids))  # every token trained
     b = collate(examples, pad_id=0)
@@ -152,13 +158,7 @@ def test_a_shared_prefix_run_once_gives_the_batch_loss_and_gradient(arch, kind):
     each, attends to its keys and values: the loss and every gradient (embeddings included, for full
     fine-tuning) equal the padded batch's."""
     model = TINY_MODELS[arch]()
-    torch.manual_seed(0)
-    method = build_method(method_config(kind, {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {}))
-    method.apply(model)
-    with torch.no_grad():
-        for p in method.trainable_parameters(model).values():
-            p.add_(0.05 * torch.randn_like(p))
-    params = list(method.trainable_parameters(model).values())
+    method, params = _trained(model, kind)
     b = collate(_sharing([22, 15, 19, 12, 22], prefix=10, trained_from=11), pad_id=0)
 
     def grads(prefix_len: int):
@@ -221,14 +221,8 @@ def test_packed_rows_after_a_shared_prefix_give_the_batch_loss_and_gradient(arch
 
     model = TINY_MODELS[arch]()
     attention.use(model)
-    torch.manual_seed(0)
-    method = build_method(method_config(kind, {"r": 4, "targets": ["all-linear"]} if kind == "lora" else {}))
-    method.apply(model)
+    method, params = _trained(model, kind)
     assert packs(method, torch.device("cpu"), model)
-    with torch.no_grad():
-        for p in method.trainable_parameters(model).values():
-            p.add_(0.05 * torch.randn_like(p))
-    params = list(method.trainable_parameters(model).values())
     b = collate(_sharing([22, 15, 19, 12, 22], prefix=10, trained_from=11), pad_id=0)
 
     def grads(packed_rows: bool):
